@@ -159,9 +159,7 @@ def _check_slice(what: str, start: int, stop: int, size: int, multiple: int, uni
     if not 0 <= start < stop <= size:
         raise ValueError(f"slice of {what} [{start}, {stop}) is outside [0, {size})")
     if start % multiple or stop % multiple:
-        raise ValueError(
-            f"slice of {what} [{start}, {stop}) must be whole {unit}: both ends multiples of {multiple}"
-        )
+        raise ValueError(f"slice of {what} [{start}, {stop}) must be whole {unit}: both ends multiples of {multiple}")
 
 
 def _check_dense(weight: torch.Tensor, mask: torch.Tensor, pattern: SparsityPattern) -> None:
@@ -305,8 +303,7 @@ def validate(packed: PackedWeight, name: str = "weight") -> None:
     expect_meta = (*lead, kept_rows, n_in // META_SPAN)
     if tuple(meta.shape) != expect_meta:
         raise ValueError(
-            f"{name}.sp_meta: expected shape {expect_meta} for sp_values {tuple(values.shape)}, "
-            f"got {tuple(meta.shape)}"
+            f"{name}.sp_meta: expected shape {expect_meta} for sp_values {tuple(values.shape)}, got {tuple(meta.shape)}"
         )
     if meta.device != values.device:
         raise ValueError(f"{name}.sp_meta is on {meta.device} but sp_values on {values.device}")

@@ -50,9 +50,7 @@ class SparsityPattern:
         if self.kind is PatternKind.TWO_FOUR and self.chunk != 0:
             raise ValueError(f"pattern 2:4 takes no chunk length, got V={self.chunk}")
         if self.kind is PatternKind.SAMOYEDS and self.chunk not in SUPPORTED_CHUNKS:
-            raise ValueError(
-                f"pattern 1:2:V+2:4 needs V in {list(SUPPORTED_CHUNKS)}, got V={self.chunk}"
-            )
+            raise ValueError(f"pattern 1:2:V+2:4 needs V in {list(SUPPORTED_CHUNKS)}, got V={self.chunk}")
 
     def __str__(self) -> str:
         if self.kind is PatternKind.TWO_FOUR:
@@ -92,9 +90,7 @@ class SparsityPattern:
         if out_features <= 0 or in_features <= 0:
             raise ValueError(f"{name}: pattern {self} needs a non-empty [O, I], got [{out_features}, {in_features}]")
         if out_features % self.row_group:
-            raise ValueError(
-                f"{name}: pattern {self} pairs output rows, so O must be even; got O={out_features}"
-            )
+            raise ValueError(f"{name}: pattern {self} pairs output rows, so O must be even; got O={out_features}")
         if in_features % self.col_multiple:
             what = f"V={self.chunk}" if self.is_samoyeds else "8 (one metadata byte = two groups of 4)"
             raise ValueError(

@@ -79,6 +79,15 @@ def moe_sparse(
     if w13.pattern != w2.pattern:
         raise ValueError(f"moe_sparse: w13 pattern {w13.pattern} != w2 pattern {w2.pattern}")
     return torch.ops.samoyeds.moe_sparse(
-        x, topk_weights, topk_ids, w13.values, w13.meta, w13.rowsel, w2.values, w2.meta, w2.rowsel,
-        chunk_of(w13), expert_map,
+        x,
+        topk_weights,
+        topk_ids,
+        w13.values,
+        w13.meta,
+        w13.rowsel,
+        w2.values,
+        w2.meta,
+        w2.rowsel,
+        chunk_of(w13),
+        expert_map,
     )

@@ -99,7 +99,10 @@ def check_moe_args(
     if not topk_weights.is_floating_point():
         _fail(op, f"topk_weights must be floating point, got {topk_weights.dtype}")
     if expert_map is not None and (expert_map.dim() != 1 or expert_map.dtype not in (torch.int32, torch.int64)):
-        _fail(op, f"expert_map must be a 1-D int32/int64 global->local map, got {expert_map.dtype} {tuple(expert_map.shape)}")
+        _fail(
+            op,
+            f"expert_map must be a 1-D int32/int64 global->local map, got {expert_map.dtype} {tuple(expert_map.shape)}",
+        )
     tensors = (topk_weights, topk_ids, w13_values, w13_meta, w2_values, w2_meta, w13_rowsel, w2_rowsel, expert_map)
     devices = {t.device for t in tensors if t is not None}
     if devices - {x.device}:
