@@ -101,7 +101,7 @@ def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
     )
     header = (
         f"{'pattern':<14}{'bytes':>11}{'B/weight':>10}{'smaller':>9}{'density':>9}{'|W|² kept':>11}"
-        f"{'max|err|':>11}{'rel err':>10}{'SQNR/dense':>12}{'prune+pack':>12}{'op':>9}"
+        f"{'max|err|':>11}{'rel err':>10}{'SQNR/dense':>12}{'prune+pack':>12}{'op':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -114,7 +114,7 @@ def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
         if "max_abs_err" in r:
             line += (
                 f"{r['max_abs_err']:>11.2e}{r['rel_err']:>10.2e}{r['sqnr_vs_dense_db']:>9.1f} dB"
-                f"{r['prune_pack_ms']:>9.1f} ms{r['op_ms']:>6.1f} ms"
+                f"{r['prune_pack_ms']:>9.1f} ms{r['op_ms']:>7.1f} ms"
             )
         print(line)
     print(
