@@ -42,6 +42,11 @@ def register() -> bool:
         return True
     if importlib.util.find_spec("transformers") is None:
         return False
+    quantizer = sys.modules.get(f"{__name__}.quantizer")
+    if quantizer is not None and not hasattr(quantizer, "SamoyedsHfQuantizer"):
+        # Our quantizer module is mid-import (it imports Transformers, which fired the hook); it calls register()
+        # itself once its classes exist.
+        return False
     from transformers.quantizers.auto import (
         AUTO_QUANTIZATION_CONFIG_MAPPING,
         AUTO_QUANTIZER_MAPPING,

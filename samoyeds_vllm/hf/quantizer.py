@@ -17,6 +17,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..convert.architectures import get_layout
 from ..formats import FORMAT_VERSION, SUFFIXES, PackedWeight, parse_pattern, validate
 from ..model_patches import ExpertsPatch, get_patch
+from . import register
 from .experts import SamoyedsExperts
 
 __all__ = ["QUANT_METHOD", "SamoyedsConfig", "SamoyedsHfQuantizer"]
@@ -118,7 +119,7 @@ class SamoyedsHfQuantizer(HfQuantizer):
             name.startswith(prefix) for prefix in self.quantization_config.ignore for name in (module_name, on_disk)
         )
 
-    def _process_model_before_weight_loading(self, model, dtype: torch.dtype | None = None, **kwargs: Any):
+    def _process_model_before_weight_loading(self, model, **kwargs: Any):
         config = model.config.get_text_config()
         patch = get_patch(config.model_type)
         if getattr(config, "hidden_act", "silu") != "silu":
@@ -126,14 +127,15 @@ class SamoyedsHfQuantizer(HfQuantizer):
                 f"samoyeds: hidden_act={config.hidden_act!r} is not supported; experts must be SwiGLU (silu)"
             )
         self._patch = patch
-        self._dtype = dtype
         moe_module = get_layout(config.model_type).moe_module
         swapped = 0
         for name, module in list(model.named_modules()):
             if type(module).__name__ not in patch.experts_classes or self._is_ignored(name, moe_module):
                 continue
             num_experts, two_i, hidden = module.gate_up_proj.shape
-            values_dtype = dtype if dtype is not None else module.gate_up_proj.dtype
+            # The model is built in the requested dtype (``from_pretrained(dtype=...)``); values follow it.
+            values_dtype = module.gate_up_proj.dtype
+            self._dtype = values_dtype
             experts = SamoyedsExperts(
                 num_experts, hidden, two_i // 2, self.quantization_config.pattern, values_dtype, "meta", name
             )
@@ -203,3 +205,7 @@ class SamoyedsHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+# Importing this module directly (before Transformers' quantizer registry finished importing) must still register.
+register()
