@@ -1,0 +1,90 @@
+"""Helpers of the vLLM plugin tests: engines in subprocesses, the Transformers greedy reference, free ports."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).with_name("engine_worker.py")
+
+#: Token-id prompts shared by all engine tests (id 0 is ``<s>`` in the tiny fixtures' tokenizer).
+PROMPTS: list[list[int]] = [[0, 5, 9, 17, 33], [0, 44, 2, 101], [0, 250, 7]]
+MAX_TOKENS = 8
+
+
+def engine_env() -> dict[str, str]:
+    """Environment of a CPU vLLM subprocess: small KV cache, one OpenMP thread per engine."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def run_engine(
+    model: Path, prompts: list[list[int]] = PROMPTS, max_tokens: int = MAX_TOKENS, *extra: str, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run ``engine_worker.py`` on ``model``; the result's ``tokens`` attribute holds the generated ids (or None).
+
+    Raises
+    ------
+    subprocess.TimeoutExpired
+        If the engine does not finish within ``timeout`` seconds (the process group is killed first).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        cmd = [sys.executable, str(WORKER), "--model", str(model), "--prompts", json.dumps(prompts)]
+        cmd += ["--max-tokens", str(max_tokens), "--out", str(out), *extra]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=engine_env(), start_new_session=True
+        )
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            raise
+        result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, "")
+        result.tokens = json.loads(out.read_text())["tokens"] if out.exists() else None
+    return result
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` and every process it started (it runs in its own session), then reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 9)
+    proc.wait(timeout=30)
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]] = PROMPTS, max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    """Greedy tokens of a Transformers model (float32, CPU), one prompt at a time, never stopping early."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tokens = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=3,
+            )
+            tokens.append(out[0, len(ids) :].tolist())
+    return tokens
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
