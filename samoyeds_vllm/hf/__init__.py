@@ -91,7 +91,12 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
         def exec_then_register(module: Any) -> None:
             exec_module(module)
             _remove_hook()
-            register()
+            # A failure here must not break `import transformers` for everyone else (vLLM imports it too): say it
+            # loudly instead; loading a samoyeds checkpoint then fails with Transformers' unknown-method warning.
+            try:
+                register()
+            except (ImportError, AttributeError, ValueError) as err:
+                logger.warning("samoyeds-vllm could not register with Transformers (%s): %s", type(err).__name__, err)
 
         spec.loader.exec_module = exec_then_register
         return spec
