@@ -10,8 +10,9 @@ import torch
 
 from ..formats import PackedWeight
 from . import library  # noqa: F401  (registers torch.ops.samoyeds)
+from .moe import MoEWeights, moe_forward, prepare_moe_weights
 
-__all__ = ["chunk_of", "linear_sparse", "moe_sparse"]
+__all__ = ["MoEWeights", "chunk_of", "linear_sparse", "moe_forward", "moe_sparse", "prepare_moe_weights"]
 
 
 def chunk_of(weight: PackedWeight) -> int:

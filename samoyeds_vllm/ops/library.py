@@ -12,15 +12,22 @@ import torch
 
 from ..formats import VALUE_DTYPES
 from ..formats.pattern import SUPPORTED_CHUNKS
-from .reference import linear_sparse_reference, moe_sparse_reference
+from .kernel_layout import from_kernel_layout
+from .reference import linear_sparse_reference, moe_sparse_reference, pattern_of_chunk
 
-__all__ = ["check_linear_args", "check_moe_args"]
+__all__ = ["check_linear_args", "check_moe_args", "check_moe_prepacked_args"]
 
 _LIB = torch.library.Library("samoyeds", "DEF")
 
 _LIB.define("linear_sparse(Tensor x, Tensor values, Tensor meta, Tensor? rowsel, int chunk) -> Tensor")
 _LIB.define(
     "moe_sparse(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor w13_values, Tensor w13_meta, "
+    "Tensor? w13_rowsel, Tensor w2_values, Tensor w2_meta, Tensor? w2_rowsel, int chunk, "
+    "Tensor? expert_map=None) -> Tensor"
+)
+# Same computation on weights already reordered into the kernel layout (ops/kernel_layout.py) at load time.
+_LIB.define(
+    "moe_sparse_prepacked(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor w13_values, Tensor w13_meta, "
     "Tensor? w13_rowsel, Tensor w2_values, Tensor w2_meta, Tensor? w2_rowsel, int chunk, "
     "Tensor? expert_map=None) -> Tensor"
 )
@@ -132,4 +139,65 @@ def _linear_sparse_fake(x, values, meta, rowsel, chunk):
 @torch.library.register_fake("samoyeds::moe_sparse")
 def _moe_sparse_fake(*args):
     check_moe_args(*args)
+    return torch.empty_like(args[0])
+
+
+def check_moe_prepacked_args(
+    x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel, w2_values, w2_meta, w2_rowsel, chunk, expert_map=None
+) -> None:
+    """Validate ``samoyeds::moe_sparse_prepacked`` arguments: kernel-layout shapes, then the common checks."""
+    op = "moe_sparse_prepacked"
+    for name, values, meta, groups in (("w13", w13_values, w13_meta, 2), ("w2", w2_values, w2_meta, 1)):
+        if values.dim() != 6 or values.shape[2] != groups or values.shape[4:] != (32, 8):
+            _fail(op, f"{name}_values must be kernel layout [E, MT, {groups}, S, 32, 8], got {tuple(values.shape)}")
+        if meta.dtype != torch.int32 or tuple(meta.shape) != (*values.shape[:4], 16):
+            _fail(op, f"{name}_meta must be int32 {(*values.shape[:4], 16)}, got {meta.dtype} {tuple(meta.shape)}")
+    # Check the canonical shapes these tensors stand for with the shared checks (no allocation).
+    n_exp, mt13, _, s13 = w13_values.shape[:4]
+    _, mt2, _, s2 = w2_values.shape[:4]
+    check_moe_args(
+        x,
+        topk_weights,
+        topk_ids,
+        _Spec((n_exp, 2 * mt13 * 16, s13 * 16), w13_values.dtype, w13_values.device),
+        _Spec((n_exp, 2 * mt13 * 16, s13 * 4), torch.uint8, w13_meta.device),
+        w13_rowsel,
+        _Spec((n_exp, mt2 * 16, s2 * 16), w2_values.dtype, w2_values.device),
+        _Spec((n_exp, mt2 * 16, s2 * 4), torch.uint8, w2_meta.device),
+        w2_rowsel,
+        chunk,
+        expert_map,
+    )
+
+
+class _Spec:
+    """Shape, dtype and device of a tensor that need not exist (for the shared checks)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.shape, self.dtype, self.device = torch.Size(shape), dtype, device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def _moe_sparse_prepacked_impl(
+    x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel, w2_values, w2_meta, w2_rowsel, chunk, expert_map=None
+):
+    check_moe_prepacked_args(
+        x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel, w2_values, w2_meta, w2_rowsel, chunk, expert_map
+    )
+    pattern = pattern_of_chunk(chunk)
+    w13 = from_kernel_layout(w13_values, w13_meta, pattern, w13_rowsel)
+    w2 = from_kernel_layout(w2_values, w2_meta, pattern, w2_rowsel)
+    return moe_sparse_reference(
+        x, topk_weights, topk_ids, w13.values, w13.meta, w13.rowsel, w2.values, w2.meta, w2.rowsel, chunk, expert_map
+    )
+
+
+_LIB.impl("moe_sparse_prepacked", _moe_sparse_prepacked_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("samoyeds::moe_sparse_prepacked")
+def _moe_sparse_prepacked_fake(*args, **kwargs):
+    check_moe_prepacked_args(*args, **kwargs)
     return torch.empty_like(args[0])

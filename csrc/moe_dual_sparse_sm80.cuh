@@ -1,0 +1,362 @@
+// Dual-side sparse grouped MoE on Sparse Tensor Cores (mma.sp.m16n8k32), sm_80 and newer.
+//
+// Computes, for a SwiGLU MoE layer whose router already ran,
+//     out[t] = sum_j w[t,j] * W2[e] @ (silu(W1[e] @ x[t]) * (W3[e] @ x[t])),   e = expert of slot (t, j)
+// with W1/W3/W2 stored 2:4 or 1:2:V+2:4 sparse (weight-side sparsity) and each expert touching only the
+// tokens routed to it (activation-side sparsity), gathered by index inside the kernels.
+//
+// Four launches, no host synchronisation (CUDA-graph capturable; every size depends on shapes only):
+//   1. moe_prepare_kernel    one CTA: (token, slot) pairs grouped by expert, each expert padded to BN = 8*NT
+//                            rows ("token tiles"); tile -> expert list; number of tiles in device memory.
+//   2. moe_mma_sp_kernel<G=2> w13 + SwiGLU: grid (token tile, m-tile). One CTA computes 16 stored gate rows
+//                            AND the 16 matching up rows for BN tokens, so silu(gate) * up happens in registers;
+//                            writes the intermediate [tiles*BN, I] in the activation dtype.
+//   3. moe_mma_sp_kernel<G=1> w2: same grid over H; multiplies the routing weight in the epilogue and writes
+//                            one row per (token, slot) pair: slot_out[T*k, H].
+//   4. moe_combine_kernel    out[t] = sum_j slot_out[t*k + j] in fp32, j ascending (deterministic: no atomics).
+//
+// Operands of one mma.sp.m16n8k32 (A = weights, output features on M; B = tokens on N; K = reduction):
+//   A (global, kernel layout, see samoyeds_vllm/ops/kernel_layout.py): per (expert, m-tile, group, k-step)
+//     32 lanes x 8 values, lane l = 4g + t holds a0..a3 = (row g | g+8) x (stored cols 2t,2t+1 | 2t+8,2t+9):
+//     one coalesced 16-byte load per lane. Metadata: 16 x u32 per k-step, entry 2g + h for lanes with t = h:
+//     bits 16h..16h+15 of row g's k-step metadata in the low half, of row g+8 in the high half (selector 0).
+//   B (global activations, gathered): b_i = x[token of column g][32s + 2t + 8i, +1], i = 0..3.
+//   C/D: c0, c1 = (row g, tokens 2t, 2t+1), c2, c3 = (row g+8, same tokens); fp32.
+// For 1:2:V+2:4 an A row is a stored row p holding, per chunk of V inputs, the segment of output row
+// 2p + rowsel[p, chunk]. Each k-step's product is routed to an even-row or odd-row accumulator bank by the
+// chunk's rowsel bit (a select, exact); the row-pair resolution never leaves registers.
+//
+// Work split of one CTA (WARPS warps, split-K inside the CTA, reduced through shared memory):
+//
+//      k-steps:  | blk0 | blk1 | blk2 | blk3 | blk4 | ... |      blk = KB consecutive k-steps of 32
+//      warp:        w0     w1     w2    ...    w0     ...        warp w takes blocks w, w + WARPS, ...
+//   Each warp issues all loads of a block (A, metadata, B) before its MMAs, so every warp keeps
+//   KB * G * 512 bytes of weights in flight; many CTAs per SM hide the rest of the latency (decode is
+//   bound by weight bytes; see docs/PERFORMANCE.md).
+//
+// Requirements: K % 32 == 0; stored rows per group % 16 == 0 (the Python side checks and otherwise uses
+// the exact reference). bf16 or fp16 activations and weights, fp32 accumulation. Not supported here:
+// Hopper wgmma.sp/TMA (separate prefill path), fp8.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace samoyeds {
+
+template <typename T>
+struct MmaTraits;
+
+template <>
+struct MmaTraits<__nv_bfloat16> {
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+};
+
+template <>
+struct MmaTraits<__half> {
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+};
+
+// d = A_sparse(16x32, 2:4) * B(32x8) + c. ordered_metadata: positions in a pair are ascending, which the
+// canonical format guarantees; ptxas prefers it over plain .sp on sm_80+.
+template <typename T>
+__device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint4& a, const uint32_t (&b)[4],
+                                             const float (&c)[4], uint32_t meta);
+
+template <>
+__device__ __forceinline__ void mma_sp_16832<__nv_bfloat16>(float (&d)[4], const uint4& a, const uint32_t (&b)[4],
+                                                            const float (&c)[4], uint32_t meta) {
+  asm volatile(
+      "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%12,%13,%14,%15}, %16, 0x0;\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "f"(c[0]),
+        "f"(c[1]), "f"(c[2]), "f"(c[3]), "r"(meta));
+}
+
+template <>
+__device__ __forceinline__ void mma_sp_16832<__half>(float (&d)[4], const uint4& a, const uint32_t (&b)[4],
+                                                     const float (&c)[4], uint32_t meta) {
+  asm volatile(
+      "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%12,%13,%14,%15}, %16, 0x0;\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "f"(c[0]),
+        "f"(c[1]), "f"(c[2]), "f"(c[3]), "r"(meta));
+}
+
+// Weights are read exactly once per token tile: stream them past L1 (no_allocate) so the gathered
+// activations, which every m-tile re-reads, keep L1 for themselves.
+__device__ __forceinline__ uint4 load_streaming(const uint4* ptr) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+__device__ __forceinline__ float silu(float v) { return v / (1.0f + __expf(-v)); }
+
+// ---------------------------------------------------------------------------------------------------------
+// 1. Routing plan. One CTA; shared memory: 3 * E + 1 ints.
+// ---------------------------------------------------------------------------------------------------------
+template <typename IdT>
+__global__ void moe_prepare_kernel(const IdT* __restrict__ topk_ids,       // [T*k] global expert ids
+                                   int num_pairs,                          // T*k
+                                   const int32_t* __restrict__ expert_map, // [map_len] global->local or null
+                                   int map_len, int num_experts,           // E_local
+                                   int tile_rows,                          // BN tokens per tile
+                                   int max_tiles,
+                                   int32_t* __restrict__ pair_expert,      // [T*k] local expert or -1
+                                   int32_t* __restrict__ sorted_pairs,     // [max_tiles*BN] pair or -1
+                                   int32_t* __restrict__ tile_expert,      // [max_tiles] expert or -1
+                                   int32_t* __restrict__ num_tiles) {      // [1]
+  extern __shared__ int smem[];
+  int* counts = smem;                    // [E]
+  int* fill = smem + num_experts;        // [E]
+  int* tile_off = smem + 2 * num_experts;  // [E + 1]
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    counts[e] = 0;
+    fill[e] = 0;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < num_pairs; i += blockDim.x) {
+    long long e = static_cast<long long>(topk_ids[i]);
+    if (expert_map != nullptr) e = (e >= 0 && e < map_len) ? expert_map[e] : -1;
+    if (e < 0 || e >= num_experts) e = -1;  // another rank's expert (or an invalid id): contributes nothing
+    pair_expert[i] = static_cast<int32_t>(e);
+    if (e >= 0) atomicAdd(&counts[e], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int off = 0;
+    for (int e = 0; e < num_experts; ++e) {
+      tile_off[e] = off;
+      off += (counts[e] + tile_rows - 1) / tile_rows;
+    }
+    tile_off[num_experts] = off;
+    *num_tiles = off;
+  }
+  __syncthreads();
+  const int total = tile_off[num_experts];
+  for (int tile = threadIdx.x; tile < max_tiles; tile += blockDim.x) {
+    int owner = -1;
+    if (tile < total) {  // binary search: last e with tile_off[e] <= tile
+      int lo = 0, hi = num_experts - 1;
+      while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (tile_off[mid] <= tile) lo = mid; else hi = mid - 1;
+      }
+      owner = lo;
+    }
+    tile_expert[tile] = owner;
+  }
+  for (int r = threadIdx.x; r < max_tiles * tile_rows; r += blockDim.x) sorted_pairs[r] = -1;
+  __syncthreads();
+  for (int i = threadIdx.x; i < num_pairs; i += blockDim.x) {
+    int e = pair_expert[i];
+    if (e >= 0) sorted_pairs[tile_off[e] * tile_rows + atomicAdd(&fill[e], 1)] = i;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 2./3. Grouped sparse GEMM with fused epilogue.
+//   G = 2: w13 stage (gate + up groups, SwiGLU epilogue, writes the intermediate).
+//   G = 1: w2 stage (routing-weight epilogue, writes slot_out rows).
+// ---------------------------------------------------------------------------------------------------------
+template <typename T, int G, int NT, int WARPS, int KB, bool SAMOYEDS>
+__global__ void __launch_bounds__(WARPS * 32)
+moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: intermediate [tiles*BN, K]
+                  const uint4* __restrict__ kvalues,    // [E, MT, G, S, 32] (8 values per lane)
+                  const uint32_t* __restrict__ kmeta,   // [E, MT, G, S, 16]
+                  const uint8_t* __restrict__ rowsel,   // [E, G*MT*16, K/V] (SAMOYEDS only)
+                  const int32_t* __restrict__ sorted_pairs,  // [max_tiles*BN]
+                  const int32_t* __restrict__ tile_expert,   // [max_tiles]
+                  const int32_t* __restrict__ num_tiles,     // [1]
+                  const float* __restrict__ topk_weights,    // [T*k] (G=1 only)
+                  T* __restrict__ out,  // G=2: intermediate [tiles*BN, out_ld]; G=1: slot_out [T*k, out_ld]
+                  int K,                // reduction length (H for w13, I for w2)
+                  int num_mtiles,       // MT: m-tiles of 16 stored rows per group
+                  int chunk_steps,      // V / 32 (SAMOYEDS)
+                  int topk,             // k
+                  int out_ld) {         // output features (I for w13, H for w2)
+  constexpr int BN = NT * 8;
+  constexpr int BANKS = SAMOYEDS ? 2 : 1;
+  constexpr int NACC = BANKS * G * NT * 4;
+  const int tile = blockIdx.x;
+  if (tile >= *num_tiles) return;
+  const int mt = blockIdx.y;
+  const int expert = tile_expert[tile];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int S = K >> 5;
+
+  // Rows of B this thread reads: column g of every n-tile.
+  const T* brow[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int r = tile * BN + nt * 8 + g;
+    const int pair = sorted_pairs[r];
+    const long long src = (G == 2) ? static_cast<long long>(pair / topk) : static_cast<long long>(r);
+    brow[nt] = pair >= 0 ? act + src * K + 2 * t : nullptr;
+  }
+
+  float acc[BANKS][G][NT][4];
+#pragma unroll
+  for (int b = 0; b < BANKS; ++b)
+#pragma unroll
+    for (int gr = 0; gr < G; ++gr)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[b][gr][nt][r] = 0.f;
+
+  const long long tile_base = (static_cast<long long>(expert) * num_mtiles + mt) * G;  // (e, mt, grp=0)
+  const uint4* a_base = kvalues + tile_base * S * 32 + lane;
+  const uint32_t* m_base = kmeta + tile_base * S * 16 + 2 * g + (t & 1);
+  const int rows_per_group = num_mtiles * 16;
+  const int chunks = SAMOYEDS ? S / chunk_steps : 1;
+  const uint8_t* rs_base[G][2];
+  if constexpr (SAMOYEDS) {
+#pragma unroll
+    for (int gr = 0; gr < G; ++gr)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        rs_base[gr][h] = rowsel + (static_cast<long long>(expert) * G * rows_per_group + gr * rows_per_group +
+                                   mt * 16 + g + 8 * h) * chunks;
+  }
+
+  for (int blk = warp; blk * KB < S; blk += WARPS) {
+    uint4 a[KB][G];
+    uint32_t meta[KB][G];
+    uint32_t bfrag[KB][NT][4];
+#pragma unroll
+    for (int kk = 0; kk < KB; ++kk) {
+      const int s = blk * KB + kk;
+      if (s < S) {
+#pragma unroll
+        for (int gr = 0; gr < G; ++gr) {
+          a[kk][gr] = load_streaming(a_base + (static_cast<long long>(gr) * S + s) * 32);
+          meta[kk][gr] = __ldg(m_base + (static_cast<long long>(gr) * S + s) * 16);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            bfrag[kk][nt][i] =
+                brow[nt] ? __ldg(reinterpret_cast<const uint32_t*>(brow[nt] + s * 32 + 8 * i)) : 0u;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < KB; ++kk) {
+      const int s = blk * KB + kk;
+      if (s >= S) break;
+      if constexpr (SAMOYEDS) {
+        const int chunk = s / chunk_steps;
+#pragma unroll
+        for (int gr = 0; gr < G; ++gr) {
+          const bool odd0 = rs_base[gr][0][chunk] != 0, odd1 = rs_base[gr][1][chunk] != 0;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const float zero[4] = {0.f, 0.f, 0.f, 0.f};
+            float d[4];
+            mma_sp_16832<T>(d, a[kk][gr], bfrag[kk][nt], zero, meta[kk][gr]);
+            // rows g (regs 0, 1) and g + 8 (regs 2, 3) route to the even or odd output row of their pair
+            acc[0][gr][nt][0] += odd0 ? 0.f : d[0];
+            acc[0][gr][nt][1] += odd0 ? 0.f : d[1];
+            acc[1][gr][nt][0] += odd0 ? d[0] : 0.f;
+            acc[1][gr][nt][1] += odd0 ? d[1] : 0.f;
+            acc[0][gr][nt][2] += odd1 ? 0.f : d[2];
+            acc[0][gr][nt][3] += odd1 ? 0.f : d[3];
+            acc[1][gr][nt][2] += odd1 ? d[2] : 0.f;
+            acc[1][gr][nt][3] += odd1 ? d[3] : 0.f;
+          }
+        }
+      } else {
+#pragma unroll
+        for (int gr = 0; gr < G; ++gr)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            mma_sp_16832<T>(acc[0][gr][nt], a[kk][gr], bfrag[kk][nt], acc[0][gr][nt], meta[kk][gr]);
+      }
+    }
+  }
+
+  // Split-K reduction across the CTA's warps (fixed order: deterministic).
+  if constexpr (WARPS > 1) {
+    __shared__ float red[WARPS - 1][NACC][32];
+    float* flat = &acc[0][0][0][0];
+    if (warp > 0) {
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) red[warp - 1][i][lane] = flat[i];
+    }
+    __syncthreads();
+    if (warp > 0) return;
+    for (int w = 0; w < WARPS - 1; ++w)
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) flat[i] += red[w][i][lane];
+  }
+
+  // Epilogue (warp 0). Output feature of stored row (g + 8h) of this m-tile, bank b:
+  //   2:4: o = mt*16 + g + 8h;  1:2:V+2:4: o = 2 * (mt*16 + g + 8h) + b.
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int h = r >> 1;
+      const int col = tile * BN + nt * 8 + 2 * t + (r & 1);
+      const int stored = mt * 16 + g + 8 * h;
+      if constexpr (G == 2) {
+        T* dst = out + static_cast<long long>(col) * out_ld;
+#pragma unroll
+        for (int b = 0; b < BANKS; ++b) {
+          const int o = SAMOYEDS ? 2 * stored + b : stored;
+          dst[o] = MmaTraits<T>::from_float(silu(acc[b][0][nt][r]) * acc[b][1][nt][r]);
+        }
+      } else {
+        const int pair = sorted_pairs[col];
+        if (pair < 0) continue;
+        const float w = topk_weights[pair];
+        T* dst = out + static_cast<long long>(pair) * out_ld;
+#pragma unroll
+        for (int b = 0; b < BANKS; ++b) {
+          const int o = SAMOYEDS ? 2 * stored + b : stored;
+          dst[o] = MmaTraits<T>::from_float(acc[b][0][nt][r] * w);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 4. Combine: out[t, :] = sum_j slot_out[t*k + j, :] over this rank's slots, fp32, j ascending.
+// ---------------------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void moe_combine_kernel(const T* __restrict__ slot_out,         // [T*k, H]
+                                   const int32_t* __restrict__ pair_expert,  // [T*k]
+                                   T* __restrict__ out,                      // [T, H]
+                                   int num_tokens, int topk, int hidden) {
+  const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;  // one per 8 outputs
+  const int per_row = hidden / 8;
+  if (idx >= static_cast<long long>(num_tokens) * per_row) return;
+  const int token = static_cast<int>(idx / per_row), col = static_cast<int>(idx % per_row) * 8;
+  float sum[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int j = 0; j < topk; ++j) {
+    const int pair = token * topk + j;
+    if (pair_expert[pair] < 0) continue;
+    const uint4 raw = *reinterpret_cast<const uint4*>(slot_out + static_cast<long long>(pair) * hidden + col);
+    const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum[i] += MmaTraits<T>::to_float(v[i]);
+  }
+  uint4 packed;
+  T* o = reinterpret_cast<T*>(&packed);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = MmaTraits<T>::from_float(sum[i]);
+  *reinterpret_cast<uint4*>(out + static_cast<long long>(token) * hidden + col) = packed;
+}
+
+}  // namespace samoyeds
