@@ -22,6 +22,7 @@ import platform
 import statistics
 import subprocess
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -94,7 +95,7 @@ def _routing(n_tokens: int, n_exp: int, topk: int, gen: torch.Generator) -> tupl
 
 def _grouped_mm_moe(x, weights, ids, w13, w2):
     """Dense MoE with torch._grouped_mm: sort pairs by expert, two grouped GEMMs, weighted scatter-add."""
-    n_tokens, topk = ids.shape
+    topk = ids.shape[1]
     flat = ids.flatten().long()
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=w13.shape[0])
@@ -107,6 +108,29 @@ def _grouped_mm_moe(x, weights, ids, w13, w2):
     out = torch.zeros_like(x)
     out.index_add_(0, order // topk, y)
     return out
+
+
+def _rotating(fn: Callable[[int], object], copies: int) -> Callable[[], object]:
+    """Call ``fn(i)`` with i cycling over the weight copies (defeats L2 reuse between timed calls)."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % copies
+        return fn(state["i"])
+
+    return call
+
+
+def _fused_experts_call(fused_experts, x, weights, ids, w13s, w2s, i):
+    return fused_experts(x, w13s[i], w2s[i], weights, ids)
+
+
+def _grouped_mm_call(x, weights, ids, w13s, w2s, i):
+    return _grouped_mm_moe(x, weights, ids, w13s[i], w2s[i])
+
+
+def _ours_call(x, weights, ids, weight_sets, i):
+    return ops.moe_forward(x, weights, ids, weight_sets[i])
 
 
 def _vllm_fused_experts():
@@ -165,10 +189,13 @@ def main() -> None:
         gen = torch.Generator(device="cuda").manual_seed(0)
         dense_bytes = 3 * n_exp * hidden * inter * 2
         copies = max(1, min(4, math.ceil(L2_ROTATION_BYTES / dense_bytes)))
-        dense13 = [torch.randn(n_exp, 2 * inter, hidden, generator=gen, device="cuda", dtype=dtype) * 0.02
-                   for _ in range(copies)]
-        dense2 = [torch.randn(n_exp, hidden, inter, generator=gen, device="cuda", dtype=dtype) * 0.02
-                  for _ in range(copies)]
+        dense13 = [
+            torch.randn(n_exp, 2 * inter, hidden, generator=gen, device="cuda", dtype=dtype) * 0.02
+            for _ in range(copies)
+        ]
+        dense2 = [
+            torch.randn(n_exp, hidden, inter, generator=gen, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)
+        ]
         prepared = {}
         for spec in args.patterns:
             pattern = parse_pattern(spec)
@@ -186,48 +213,48 @@ def main() -> None:
             active = int(torch.unique(ids).numel())
             act_bytes = 2 * n_tokens * hidden * 2 + n_tokens * topk * (2 * inter + hidden) * 2
             use_graph = n_tokens <= args.no_graph_above
-            state = {"i": 0}
-
-            def rotating(fn, n=copies, state=state):
-                def call():
-                    state["i"] = (state["i"] + 1) % n
-                    return fn(state["i"])
-
-                return call
-
             baselines = {}
             if fused_experts is not None:
-                baselines["vllm_fused_experts"] = _median_us(
-                    rotating(lambda i: fused_experts(x, dense13[i], dense2[i], weights, ids)), args.repeats, use_graph
-                )
+                fn = partial(_fused_experts_call, fused_experts, x, weights, ids, dense13, dense2)
+                baselines["vllm_fused_experts"] = _median_us(_rotating(fn, copies), args.repeats, use_graph)
             try:
-                baselines["torch_grouped_mm"] = _median_us(
-                    rotating(lambda i: _grouped_mm_moe(x, weights, ids, dense13[i], dense2[i])), args.repeats,
-                    use_graph,
-                )
+                fn = partial(_grouped_mm_call, x, weights, ids, dense13, dense2)
+                baselines["torch_grouped_mm"] = _median_us(_rotating(fn, copies), args.repeats, use_graph)
             except RuntimeError as err:
                 print(f"torch._grouped_mm baseline failed ({str(err).splitlines()[0]}); skipped")
             dense_active_bytes = active * 3 * hidden * inter * 2 + act_bytes
             flops = 2 * n_tokens * topk * 3 * hidden * inter
             for spec, (weight_sets, bytes_per_expert) in prepared.items():
-                ours = _median_us(
-                    rotating(lambda i, w=weight_sets: ops.moe_forward(x, weights, ids, w[i])), args.repeats, use_graph
-                )
+                fn = partial(_ours_call, x, weights, ids, weight_sets)
+                ours = _median_us(_rotating(fn, copies), args.repeats, use_graph)
                 moved = active * bytes_per_expert + act_bytes
                 pct_bw = 100 * moved / (ours * 1e-6) / (copy_bw * 1e9)
                 line = f"{shape_name:<17} T={n_tokens:<5} {spec:<12} ours {ours:8.1f} us  {pct_bw:5.1f}% copy BW"
                 for base_name, base_us in baselines.items():
-                    cases.append({
-                        "shape": shape_name, "tokens": n_tokens, "pattern": spec, "dtype": args.dtype,
-                        "ours_us": round(ours, 2), "baseline": base_name, "baseline_us": round(base_us, 2),
-                        "speedup": round(base_us / ours, 3), "pct_copy_bw": round(pct_bw, 1),
-                        "bytes_moved": moved, "baseline_bytes_moved": dense_active_bytes, "flops": flops,
-                        "active_experts": active, "tflops": round(flops / (ours * 1e-6) / 1e12, 1),
-                        "graph": use_graph,
-                    })
+                    cases.append(
+                        {
+                            "shape": shape_name,
+                            "tokens": n_tokens,
+                            "pattern": spec,
+                            "dtype": args.dtype,
+                            "ours_us": round(ours, 2),
+                            "baseline": base_name,
+                            "baseline_us": round(base_us, 2),
+                            "speedup": round(base_us / ours, 3),
+                            "pct_copy_bw": round(pct_bw, 1),
+                            "bytes_moved": moved,
+                            "baseline_bytes_moved": dense_active_bytes,
+                            "flops": flops,
+                            "active_experts": active,
+                            "tflops": round(flops / (ours * 1e-6) / 1e12, 1),
+                            "graph": use_graph,
+                        }
+                    )
                     line += f" | {base_name} {base_us:8.1f} us x{base_us / ours:5.2f}"
                 print(line, flush=True)
-        del dense13, dense2, prepared
+        dense13.clear()
+        dense2.clear()
+        prepared.clear()
         torch.cuda.empty_cache()
 
     result = {
