@@ -44,7 +44,11 @@ L2_ROTATION_BYTES = 512 << 20  # rotate weight copies until this many bytes are 
 
 
 def _median_us(fn: Callable[[], object], repeats: int, use_graph: bool) -> float:
-    """Median time of ``fn`` in microseconds: CUDA graph replay (or eager calls) timed with CUDA events."""
+    """Median time of ``fn`` in microseconds: CUDA graph replay (or eager calls) timed with CUDA events.
+
+    A function that cannot be captured (e.g. one that synchronises with the host) is timed eagerly and
+    reported once on stdout.
+    """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -55,9 +59,13 @@ def _median_us(fn: Callable[[], object], repeats: int, use_graph: bool) -> float
     run = fn
     if use_graph:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        run = graph.replay
+        try:
+            with torch.cuda.graph(graph):
+                fn()
+            run = graph.replay
+        except RuntimeError as err:
+            print(f"  (not capturable, timed eagerly: {str(err).splitlines()[0][:80]})")
+            torch.cuda.synchronize()
         run()
     times = []
     for _ in range(repeats):
@@ -72,7 +80,7 @@ def _median_us(fn: Callable[[], object], repeats: int, use_graph: bool) -> float
 
 def _copy_bandwidth_gbs() -> float:
     """Device copy bandwidth (read + write bytes / time) on a 2 GiB buffer."""
-    src = torch.empty(1 << 30, dtype=torch.uint16, device="cuda").random_()
+    src = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
     us = _median_us(lambda: dst.copy_(src), 20, use_graph=False)
     return 2 * src.numel() * 2 / (us * 1e-6) / 1e9

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "moe_dual_sparse_sm80.cuh"
 
@@ -23,12 +24,13 @@ namespace {
                 cudaGetErrorString(err));                                                                  \
   } while (0)
 
-// Tile configurations, chosen by the mean number of (token, slot) pairs per local expert. Only these are
-// instantiated (compile time): NT n-tiles of 8 tokens, WARPS-way split-K in a CTA, KB k-steps per load batch.
-//   decode   (<= 8 pairs per expert):  NT=1, WARPS=8, KB=4
-//   mid      (<= 16):                  NT=2, WARPS=8, KB=4
-//   prefill  (> 16):                   NT=4, WARPS=4, KB=2   (register budget: 64 accumulators)
-template <typename T, int NT, int WARPS, int KB, bool SAMOYEDS>
+// Tile configurations. Only these are instantiated (compile time). The token tile BN = 8 * NT is the
+// smallest that holds an expert's pairs in one tile with high probability (mean + 2 standard deviations
+// of a Poisson count), since every extra tile re-reads the expert's weights:
+//   BN = 8:   split-K kernel, WARPS=8 warps split K, KB=4 k-steps per load batch  (decode)
+//   BN = 16:  M-split kernel, 4 warps x 1 m-tile each, B staged in smem, KB=4
+//   BN = 32:  M-split kernel, same, 64 accumulators per thread for 1:2:V+2:4 (register budget)
+template <typename T, int NT, int WARPS, int KB, bool SAMOYEDS, bool MSPLIT>
 void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                 const at::Tensor& w13_values, const at::Tensor& w13_meta, const at::Tensor* w13_rowsel,
                 const at::Tensor& w2_values, const at::Tensor& w2_meta, const at::Tensor* w2_rowsel, int chunk,
@@ -75,14 +77,26 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   const uint8_t* rs13 = w13_rowsel ? w13_rowsel->data_ptr<uint8_t>() : nullptr;
   const uint8_t* rs2 = w2_rowsel ? w2_rowsel->data_ptr<uint8_t>() : nullptr;
 
-  moe_mma_sp_kernel<T, 2, NT, WARPS, KB, SAMOYEDS><<<dim3(max_tiles, mt13), WARPS * 32, 0, stream>>>(
+  using Kernel = void (*)(const T*, const uint4*, const uint32_t*, const uint8_t*, const int32_t*,
+                          const int32_t*, const int32_t*, const float*, T*, int, int, int, int, int);
+  Kernel w13_kernel, w2_kernel;  // instantiate only the selected family
+  if constexpr (MSPLIT) {
+    w13_kernel = moe_mma_sp_msplit_kernel<T, 2, NT, WARPS, KB, SAMOYEDS>;
+    w2_kernel = moe_mma_sp_msplit_kernel<T, 1, NT, WARPS, KB, SAMOYEDS>;
+  } else {
+    w13_kernel = moe_mma_sp_kernel<T, 2, NT, WARPS, KB, SAMOYEDS>;
+    w2_kernel = moe_mma_sp_kernel<T, 1, NT, WARPS, KB, SAMOYEDS>;
+  }
+  const int grid13 = MSPLIT ? (mt13 + WARPS - 1) / WARPS : mt13;
+  const int grid2 = MSPLIT ? (mt2 + WARPS - 1) / WARPS : mt2;
+  w13_kernel<<<dim3(max_tiles, grid13), WARPS * 32, 0, stream>>>(
       x_ptr, reinterpret_cast<const uint4*>(w13_values.data_ptr()),
       reinterpret_cast<const uint32_t*>(w13_meta.data_ptr()), rs13, sorted_pairs.data_ptr<int32_t>(),
       tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), nullptr, inter_ptr, hidden, mt13,
       chunk_steps, topk, inter);
   SAMOYEDS_CHECK_LAUNCH("moe_mma_sp_kernel<w13+SwiGLU>");
 
-  moe_mma_sp_kernel<T, 1, NT, WARPS, KB, SAMOYEDS><<<dim3(max_tiles, mt2), WARPS * 32, 0, stream>>>(
+  w2_kernel<<<dim3(max_tiles, grid2), WARPS * 32, 0, stream>>>(
       inter_ptr, reinterpret_cast<const uint4*>(w2_values.data_ptr()),
       reinterpret_cast<const uint32_t*>(w2_meta.data_ptr()), rs2, sorted_pairs.data_ptr<int32_t>(),
       tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), weights.data_ptr<float>(), slot_ptr, inter,
@@ -104,15 +118,16 @@ void dispatch_tiles(double pairs_per_expert, const at::Tensor& x, const at::Tens
                     const at::Tensor& topk_ids, const at::Tensor& w13_values, const at::Tensor& w13_meta,
                     const at::Tensor* w13_rowsel, const at::Tensor& w2_values, const at::Tensor& w2_meta,
                     const at::Tensor* w2_rowsel, int chunk, const at::Tensor* expert_map, at::Tensor& out) {
-  if (pairs_per_expert <= 8.0) {
-    launch_moe<T, 1, 8, 4, SAMOYEDS>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel, w2_values,
-                                     w2_meta, w2_rowsel, chunk, expert_map, out);
-  } else if (pairs_per_expert <= 16.0) {
-    launch_moe<T, 2, 8, 4, SAMOYEDS>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel, w2_values,
-                                     w2_meta, w2_rowsel, chunk, expert_map, out);
+  const double likely_max = pairs_per_expert + 2.0 * std::sqrt(pairs_per_expert);
+  if (likely_max <= 8.0) {
+    launch_moe<T, 1, 8, 4, SAMOYEDS, false>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
+                                            w2_values, w2_meta, w2_rowsel, chunk, expert_map, out);
+  } else if (likely_max <= 16.0) {
+    launch_moe<T, 2, 4, 4, SAMOYEDS, true>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
+                                           w2_values, w2_meta, w2_rowsel, chunk, expert_map, out);
   } else {
-    launch_moe<T, 4, 4, 2, SAMOYEDS>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel, w2_values,
-                                     w2_meta, w2_rowsel, chunk, expert_map, out);
+    launch_moe<T, 4, 4, 4, SAMOYEDS, true>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
+                                           w2_values, w2_meta, w2_rowsel, chunk, expert_map, out);
   }
 }
 

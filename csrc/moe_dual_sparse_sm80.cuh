@@ -162,6 +162,74 @@ __global__ void moe_prepare_kernel(const IdT* __restrict__ topk_ids,       // [T
   }
 }
 
+// One k-step of one warp: for every group (gate/up or the single w2 group) and n-tile, d = A * B. For
+// 1:2:V+2:4 the product of stored row p is added to the even or odd output row of its pair, chosen by the
+// rowsel bit of the k-step's chunk (a select, so the routing is exact and NaN-safe).
+template <typename T, int G, int NT, bool SAMOYEDS>
+__device__ __forceinline__ void accumulate_kstep(float (&acc)[SAMOYEDS ? 2 : 1][G][NT][4], const uint4 (&a)[G],
+                                                 const uint32_t (&meta)[G], const uint32_t (&b)[NT][4],
+                                                 const uint8_t* const (&rs)[G][2], int chunk) {
+#pragma unroll
+  for (int gr = 0; gr < G; ++gr) {
+    if constexpr (SAMOYEDS) {
+      const bool odd0 = rs[gr][0][chunk] != 0, odd1 = rs[gr][1][chunk] != 0;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float zero[4] = {0.f, 0.f, 0.f, 0.f};
+        float d[4];
+        mma_sp_16832<T>(d, a[gr], b[nt], zero, meta[gr]);
+        // rows g (regs 0, 1) and g + 8 (regs 2, 3)
+        acc[0][gr][nt][0] += odd0 ? 0.f : d[0];
+        acc[0][gr][nt][1] += odd0 ? 0.f : d[1];
+        acc[1][gr][nt][0] += odd0 ? d[0] : 0.f;
+        acc[1][gr][nt][1] += odd0 ? d[1] : 0.f;
+        acc[0][gr][nt][2] += odd1 ? 0.f : d[2];
+        acc[0][gr][nt][3] += odd1 ? 0.f : d[3];
+        acc[1][gr][nt][2] += odd1 ? d[2] : 0.f;
+        acc[1][gr][nt][3] += odd1 ? d[3] : 0.f;
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma_sp_16832<T>(acc[0][gr][nt], a[gr], b[nt], acc[0][gr][nt], meta[gr]);
+    }
+  }
+}
+
+// Epilogue of one warp's m-tile. Output feature of stored row (g + 8h) of m-tile mt, bank b:
+//   2:4: o = mt*16 + g + 8h;  1:2:V+2:4: o = 2 * (mt*16 + g + 8h) + b.
+//   G = 2: out = intermediate row (tile row), value silu(gate) * up.
+//   G = 1: out = slot_out row of the (token, slot) pair, value acc * routing weight; padding rows skipped.
+template <typename T, int G, int NT, bool SAMOYEDS>
+__device__ __forceinline__ void store_epilogue(const float (&acc)[SAMOYEDS ? 2 : 1][G][NT][4], int tile, int mt,
+                                               int g, int t, const int32_t* __restrict__ sorted_pairs,
+                                               const float* __restrict__ topk_weights, T* __restrict__ out,
+                                               int out_ld) {
+  constexpr int BN = NT * 8;
+  constexpr int BANKS = SAMOYEDS ? 2 : 1;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int col = tile * BN + nt * 8 + 2 * t + (r & 1);
+      const int stored = mt * 16 + g + 8 * (r >> 1);
+      if constexpr (G == 2) {
+        T* dst = out + static_cast<long long>(col) * out_ld;
+#pragma unroll
+        for (int b = 0; b < BANKS; ++b)
+          dst[SAMOYEDS ? 2 * stored + b : stored] = MmaTraits<T>::from_float(silu(acc[b][0][nt][r]) * acc[b][1][nt][r]);
+      } else {
+        const int pair = sorted_pairs[col];
+        if (pair < 0) continue;
+        const float w = topk_weights[pair];
+        T* dst = out + static_cast<long long>(pair) * out_ld;
+#pragma unroll
+        for (int b = 0; b < BANKS; ++b)
+          dst[SAMOYEDS ? 2 * stored + b : stored] = MmaTraits<T>::from_float(acc[b][0][nt][r] * w);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // 2./3. Grouped sparse GEMM with fused epilogue.
 //   G = 2: w13 stage (gate + up groups, SwiGLU epilogue, writes the intermediate).
@@ -219,7 +287,7 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
   const uint32_t* m_base = kmeta + tile_base * S * 16 + 2 * g + (t & 1);
   const int rows_per_group = num_mtiles * 16;
   const int chunks = SAMOYEDS ? S / chunk_steps : 1;
-  const uint8_t* rs_base[G][2];
+  const uint8_t* rs_base[G][2] = {};
   if constexpr (SAMOYEDS) {
 #pragma unroll
     for (int gr = 0; gr < G; ++gr)
@@ -254,34 +322,7 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
     for (int kk = 0; kk < KB; ++kk) {
       const int s = blk * KB + kk;
       if (s >= S) break;
-      if constexpr (SAMOYEDS) {
-        const int chunk = s / chunk_steps;
-#pragma unroll
-        for (int gr = 0; gr < G; ++gr) {
-          const bool odd0 = rs_base[gr][0][chunk] != 0, odd1 = rs_base[gr][1][chunk] != 0;
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            const float zero[4] = {0.f, 0.f, 0.f, 0.f};
-            float d[4];
-            mma_sp_16832<T>(d, a[kk][gr], bfrag[kk][nt], zero, meta[kk][gr]);
-            // rows g (regs 0, 1) and g + 8 (regs 2, 3) route to the even or odd output row of their pair
-            acc[0][gr][nt][0] += odd0 ? 0.f : d[0];
-            acc[0][gr][nt][1] += odd0 ? 0.f : d[1];
-            acc[1][gr][nt][0] += odd0 ? d[0] : 0.f;
-            acc[1][gr][nt][1] += odd0 ? d[1] : 0.f;
-            acc[0][gr][nt][2] += odd1 ? 0.f : d[2];
-            acc[0][gr][nt][3] += odd1 ? 0.f : d[3];
-            acc[1][gr][nt][2] += odd1 ? d[2] : 0.f;
-            acc[1][gr][nt][3] += odd1 ? d[3] : 0.f;
-          }
-        }
-      } else {
-#pragma unroll
-        for (int gr = 0; gr < G; ++gr)
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-            mma_sp_16832<T>(acc[0][gr][nt], a[kk][gr], bfrag[kk][nt], acc[0][gr][nt], meta[kk][gr]);
-      }
+      accumulate_kstep<T, G, NT, SAMOYEDS>(acc, a[kk], meta[kk], bfrag[kk], rs_base, SAMOYEDS ? s / chunk_steps : 0);
     }
   }
 
@@ -300,35 +341,138 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
       for (int i = 0; i < NACC; ++i) flat[i] += red[w][i][lane];
   }
 
-  // Epilogue (warp 0). Output feature of stored row (g + 8h) of this m-tile, bank b:
-  //   2:4: o = mt*16 + g + 8h;  1:2:V+2:4: o = 2 * (mt*16 + g + 8h) + b.
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int h = r >> 1;
-      const int col = tile * BN + nt * 8 + 2 * t + (r & 1);
-      const int stored = mt * 16 + g + 8 * h;
-      if constexpr (G == 2) {
-        T* dst = out + static_cast<long long>(col) * out_ld;
-#pragma unroll
-        for (int b = 0; b < BANKS; ++b) {
-          const int o = SAMOYEDS ? 2 * stored + b : stored;
-          dst[o] = MmaTraits<T>::from_float(silu(acc[b][0][nt][r]) * acc[b][1][nt][r]);
-        }
+  store_epilogue<T, G, NT, SAMOYEDS>(acc, tile, mt, g, t, sorted_pairs, topk_weights, out, out_ld);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 2./3. (wider token tiles) M-split variant: used when an expert receives more than ~8 pairs.
+//
+// With split-K every m-tile's CTA re-reads the whole token tile from L2, which costs BN/16 (2:4) to BN/8
+// (samoyeds) times the weight bytes: fine for BN = 8, ruinous beyond. Here each warp owns its own m-tile
+// (G groups) over the full K, and the CTA's WARPS warps share one token tile staged in shared memory:
+//
+//      smem B ring (2 stages):  [BN tokens x 32*KB k] --cp.async 16 B, coalesced rows-->  all warps
+//      warp w:  m-tile blockIdx.y*WARPS + w, A fragments straight from global (16 B per lane, coalesced)
+//
+// Rows are padded by 8 elements (16 B) so the B-fragment reads (row g, k = 2t + 8i) of a warp hit 32
+// distinct banks.
+// ---------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <typename T, int G, int NT, int WARPS, int KB, bool SAMOYEDS>
+__global__ void __launch_bounds__(WARPS * 32)
+moe_mma_sp_msplit_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues,
+                         const uint32_t* __restrict__ kmeta, const uint8_t* __restrict__ rowsel,
+                         const int32_t* __restrict__ sorted_pairs, const int32_t* __restrict__ tile_expert,
+                         const int32_t* __restrict__ num_tiles, const float* __restrict__ topk_weights,
+                         T* __restrict__ out, int K, int num_mtiles, int chunk_steps, int topk, int out_ld) {
+  constexpr int BN = NT * 8;
+  constexpr int KBLK = 32 * KB;  // k per stage
+  constexpr int LD = KBLK + 8;   // padded smem row, elements
+  constexpr int CHUNKS_PER_ROW = KBLK / 8;
+  __shared__ __align__(16) T bs[2][BN][LD];
+  __shared__ const T* rows[BN];
+  const int tile = blockIdx.x;
+  if (tile >= *num_tiles) return;  // uniform across the CTA
+  const int expert = tile_expert[tile];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int mt = blockIdx.y * WARPS + warp;
+  const bool active = mt < num_mtiles;
+  const int S = K >> 5;
+  const int nblk = (S + KB - 1) / KB;
+  if (threadIdx.x < BN) {
+    const int r = tile * BN + threadIdx.x;
+    const int pair = sorted_pairs[r];
+    const long long src = (G == 2) ? static_cast<long long>(pair / topk) : static_cast<long long>(r);
+    rows[threadIdx.x] = pair >= 0 ? act + src * K : nullptr;
+  }
+  __syncthreads();
+
+  auto load_b = [&](int blk, int stage) {
+    for (int c = threadIdx.x; c < BN * CHUNKS_PER_ROW; c += WARPS * 32) {
+      const int row = c / CHUNKS_PER_ROW, col = (c % CHUNKS_PER_ROW) * 8;
+      const int k = blk * KBLK + col;
+      T* dst = &bs[stage][row][col];
+      if (rows[row] != nullptr && k < K) {
+        cp_async_16(dst, rows[row] + k);
       } else {
-        const int pair = sorted_pairs[col];
-        if (pair < 0) continue;
-        const float w = topk_weights[pair];
-        T* dst = out + static_cast<long long>(pair) * out_ld;
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+    cp_async_commit();
+  };
+
+  float acc[SAMOYEDS ? 2 : 1][G][NT][4];
+  float* flat = &acc[0][0][0][0];
 #pragma unroll
-        for (int b = 0; b < BANKS; ++b) {
-          const int o = SAMOYEDS ? 2 * stored + b : stored;
-          dst[o] = MmaTraits<T>::from_float(acc[b][0][nt][r] * w);
+  for (int i = 0; i < (SAMOYEDS ? 2 : 1) * G * NT * 4; ++i) flat[i] = 0.f;
+
+  const long long tile_base = (static_cast<long long>(expert) * num_mtiles + (active ? mt : 0)) * G;
+  const uint4* a_base = kvalues + tile_base * S * 32 + lane;
+  const uint32_t* m_base = kmeta + tile_base * S * 16 + 2 * g + (t & 1);
+  const int rows_per_group = num_mtiles * 16;
+  const int chunks = SAMOYEDS ? S / chunk_steps : 1;
+  const uint8_t* rs_base[G][2] = {};
+  if constexpr (SAMOYEDS) {
+#pragma unroll
+    for (int gr = 0; gr < G; ++gr)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        rs_base[gr][h] = rowsel + (static_cast<long long>(expert) * G * rows_per_group + gr * rows_per_group +
+                                   (active ? mt : 0) * 16 + g + 8 * h) * chunks;
+  }
+
+  load_b(0, 0);
+  for (int blk = 0; blk < nblk; ++blk) {
+    if (blk + 1 < nblk) {
+      load_b(blk + 1, (blk + 1) & 1);
+    } else {
+      cp_async_commit();  // empty group: keeps "all but the newest group done" meaning stage blk is ready
+    }
+    uint4 a[KB][G];
+    uint32_t meta[KB][G];
+    if (active) {
+#pragma unroll
+      for (int kk = 0; kk < KB; ++kk) {
+        const int s = blk * KB + kk;
+        if (s < S) {
+#pragma unroll
+          for (int gr = 0; gr < G; ++gr) {
+            a[kk][gr] = load_streaming(a_base + (static_cast<long long>(gr) * S + s) * 32);
+            meta[kk][gr] = __ldg(m_base + (static_cast<long long>(gr) * S + s) * 16);
+          }
         }
       }
     }
+    cp_async_wait<1>();
+    __syncthreads();
+    if (active) {
+      const int stage = blk & 1;
+#pragma unroll
+      for (int kk = 0; kk < KB; ++kk) {
+        const int s = blk * KB + kk;
+        if (s >= S) break;
+        uint32_t bfrag[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            bfrag[nt][i] = *reinterpret_cast<const uint32_t*>(&bs[stage][nt * 8 + g][kk * 32 + 2 * t + 8 * i]);
+        accumulate_kstep<T, G, NT, SAMOYEDS>(acc, a[kk], meta[kk], bfrag, rs_base, SAMOYEDS ? s / chunk_steps : 0);
+      }
+    }
+    __syncthreads();  // stage blk is overwritten by the prefetch of the next iteration
   }
+  if (active) store_epilogue<T, G, NT, SAMOYEDS>(acc, tile, mt, g, t, sorted_pairs, topk_weights, out, out_ld);
 }
 
 // ---------------------------------------------------------------------------------------------------------
