@@ -34,33 +34,38 @@ def run_engine(
 ) -> subprocess.CompletedProcess:
     """Run ``engine_worker.py`` on ``model``; the result's ``tokens`` attribute holds the generated ids (or None).
 
+    The worker runs in its own session; its whole process group is killed when it ends or times out.
+
     Raises
     ------
     subprocess.TimeoutExpired
-        If the engine does not finish within ``timeout`` seconds (the process group is killed first).
+        If the engine does not finish within ``timeout`` seconds.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "out.json"
+        out, log = Path(tmp) / "out.json", Path(tmp) / "engine.log"
         cmd = [sys.executable, str(WORKER), "--model", str(model), "--prompts", json.dumps(prompts)]
         cmd += ["--max-tokens", str(max_tokens), "--out", str(out), *extra]
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=engine_env(), start_new_session=True
-        )
+        # Output goes to a file, not a pipe: vLLM's engine-core child inherits the descriptors and may outlive
+        # the worker, so reading a pipe to EOF would wait for it.
+        with log.open("w") as sink:
+            proc = subprocess.Popen(
+                cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, env=engine_env(), start_new_session=True
+            )
         try:
-            stdout, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_group(proc)
-            raise
-        result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, "")
+            proc.wait(timeout=timeout)
+        finally:
+            kill_group(proc)  # the worker and whatever it left behind
+        result = subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(errors="replace"), "")
         result.tokens = json.loads(out.read_text())["tokens"] if out.exists() else None
     return result
 
 
 def kill_group(proc: subprocess.Popen) -> None:
     """Kill ``proc`` and every process it started (it runs in its own session), then reap it."""
-    with contextlib.suppress(ProcessLookupError):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, 9)
-    proc.wait(timeout=30)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
 
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]] = PROMPTS, max_tokens: int = MAX_TOKENS) -> list[list[int]]:

@@ -1,0 +1,203 @@
+"""Real vLLM engines (CPU, float32) on tiny samoyeds checkpoints: offline LLM, OpenAI server, bad checkpoints.
+
+Every engine runs in a subprocess under a timeout (``vllm_test_utils.run_engine``), so a hung engine fails the
+test instead of hanging pytest. The ground truth is the same model in plain Transformers, loaded from the
+dense checkpoint with the pruning masks applied (``write_tiny_checkpoint(..., dense_masked_dir=...)``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from fixtures import write_tiny_checkpoint
+from safetensors.torch import load_file, save_file
+from vllm_test_utils import PROMPTS, engine_env, free_port, hf_greedy, kill_group, run_engine
+
+pytestmark = pytest.mark.slow
+
+ARCHS = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+# One architecture runs with vLLM's default torch.compile (Dynamo traces our op through its fake); the others
+# run eagerly, which is faster to start on CPU.
+COMPILED = {"qwen3_moe"}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """``checkpoints(arch, pattern)`` -> (sparse dir, dense-masked dir), written once per module."""
+    cache: dict[tuple[str, str], tuple[Path, Path]] = {}
+
+    def get(arch: str, pattern: str = "1:2:32+2:4") -> tuple[Path, Path]:
+        if (arch, pattern) not in cache:
+            root = tmp_path_factory.mktemp(f"{arch}-{pattern.replace(':', '_').replace('+', '_')}")
+            sparse = write_tiny_checkpoint(arch, root / "sparse", pattern=pattern, dense_masked_dir=root / "dense")
+            cache[arch, pattern] = (sparse, root / "dense")
+        return cache[arch, pattern]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def vllm_tokens(checkpoints):
+    """``vllm_tokens(arch)`` -> greedy tokens of the offline engine on PROMPTS (one engine per arch)."""
+    cache: dict[str, list[list[int]]] = {}
+
+    def get(arch: str) -> list[list[int]]:
+        if arch not in cache:
+            sparse, _ = checkpoints(arch)
+            extra = () if arch in COMPILED else ("--enforce-eager",)
+            result = run_engine(sparse, PROMPTS, 8, *extra)
+            assert result.returncode == 0, result.stdout[-4000:]
+            cache[arch] = result.tokens
+        return cache[arch]
+
+    return get
+
+
+def _rewrite_checkpoint(src: Path, dst: Path, edit) -> Path:
+    """Copy checkpoint ``src`` to ``dst`` with ``edit(tensors, config)`` applied in place."""
+    dst.mkdir(parents=True)
+    for item in src.iterdir():
+        if item.suffix != ".safetensors" and item.name != "config.json":
+            (dst / item.name).write_bytes(item.read_bytes())
+    tensors = load_file(str(src / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    edit(tensors, config)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst
+
+
+# --- offline LLM ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_offline_greedy_matches_transformers(arch, checkpoints, vllm_tokens):
+    _, dense = checkpoints(arch)
+    assert vllm_tokens(arch) == hf_greedy(dense, PROMPTS, 8)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_offline_greedy_matches_transformers_samoyeds_model(arch, checkpoints, vllm_tokens):
+    import samoyeds_vllm.hf
+
+    if not getattr(samoyeds_vllm.hf, "__all__", None):
+        pytest.skip("samoyeds_vllm.hf (Transformers integration) is not built yet")
+    sparse, _ = checkpoints(arch)
+    assert vllm_tokens(arch) == hf_greedy(sparse, PROMPTS, 8)
+
+
+def test_offline_two_four_pattern_with_explicit_quantization_flag(checkpoints):
+    sparse, dense = checkpoints("mixtral", "2:4")
+    result = run_engine(sparse, PROMPTS[:2], 6, "--enforce-eager", "--quantization", "samoyeds")
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert result.tokens == hf_greedy(dense, PROMPTS[:2], 6)
+
+
+def test_offline_dummy_load_format_runs_on_valid_metadata(checkpoints):
+    sparse, _ = checkpoints("mixtral")
+    result = run_engine(sparse, PROMPTS[:1], 4, "--enforce-eager", "--load-format", "dummy")
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert len(result.tokens[0]) == 4
+
+
+# --- bad checkpoints fail at load time, naming the problem --------------------------------------------------
+
+
+def _fails_with(model: Path, *needles: str) -> None:
+    result = run_engine(model, PROMPTS[:1], 2, "--enforce-eager", timeout=240)
+    assert result.returncode != 0 and result.tokens is None, "the engine accepted a bad checkpoint"
+    for needle in needles:
+        assert needle in result.stdout, f"{needle!r} not in the engine output:\n{result.stdout[-4000:]}"
+
+
+def test_missing_expert_tensor_fails_at_load(checkpoints, tmp_path):
+    sparse, _ = checkpoints("mixtral")
+    key = "model.layers.1.block_sparse_moe.experts.5.w3.sp_meta"
+
+    def drop(tensors, config):
+        del tensors[key]
+
+    _fails_with(_rewrite_checkpoint(sparse, tmp_path / "ckpt", drop), "checkpoint tensors missing", key)
+
+
+def test_corrupted_meta_fails_at_load(checkpoints, tmp_path):
+    sparse, _ = checkpoints("qwen3_moe")
+    key = "model.layers.0.mlp.experts.2.down_proj.sp_meta"
+
+    def corrupt(tensors, config):
+        tensors[key][3, 1] = 0xFF  # positions (3, 3) in both groups: not strictly ascending
+
+    _fails_with(_rewrite_checkpoint(sparse, tmp_path / "ckpt", corrupt), f"{key}: group 2 of row (3,)")
+
+
+def test_unknown_pattern_fails_at_load(checkpoints, tmp_path):
+    sparse, _ = checkpoints("mixtral")
+
+    def repattern(tensors, config):
+        config["quantization_config"]["pattern"] = "1:2:48+2:4"
+
+    _fails_with(_rewrite_checkpoint(sparse, tmp_path / "ckpt", repattern), "V in [32, 64, 128, 256], got V=48")
+
+
+# --- OpenAI-compatible server ----------------------------------------------------------------------------
+
+
+def _post(url: str, body: dict, timeout: float = 120) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _wait_ready(proc: subprocess.Popen, base: str, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1)
+    pytest.fail(f"server not ready after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_openai_server_completions_match_transformers(arch, checkpoints):
+    sparse, dense = checkpoints(arch)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(sparse)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256"]
+    cmd += ["--max-num-seqs", "4", "--enforce-eager", "--served-model-name", "tiny"]
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "server.log"
+        with log.open("w") as sink:
+            proc = subprocess.Popen(
+                cmd, stdout=sink, stderr=subprocess.STDOUT, env=engine_env(), start_new_session=True
+            )
+        try:
+            _wait_ready(proc, base, log, timeout=300)
+            body = {"model": "tiny", "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+            by_ids = _post(f"{base}/v1/completions", {**body, "prompt": PROMPTS[0], "return_token_ids": True})
+            by_text = _post(
+                f"{base}/v1/completions", {**body, "prompt": "the quick brown fox", "return_token_ids": True}
+            )
+        finally:
+            kill_group(proc)
+    choice = by_ids["choices"][0]
+    assert choice["token_ids"] == hf_greedy(dense, PROMPTS[:1], 8)[0]
+    assert choice["text"]
+    text_choice = by_text["choices"][0]
+    assert text_choice["token_ids"] == hf_greedy(dense, [text_choice["prompt_token_ids"]], 8)[0]
