@@ -29,7 +29,7 @@ namespace {
 // of a Poisson count), since every extra tile re-reads the expert's weights:
 //   BN = 8:   split-K kernel, WARPS=8 warps split K, KB=4 k-steps per load batch  (decode)
 //   BN = 16:  M-split kernel, 4 warps x 1 m-tile each, B staged in smem, KB=4
-//   BN = 32:  M-split kernel, same, 64 accumulators per thread for 1:2:V+2:4 (register budget)
+//   BN = 32:  M-split kernel, KB=2: 64 accumulators + two weight blocks per thread (register budget)
 template <typename T, int NT, int WARPS, int KB, bool SAMOYEDS, bool MSPLIT>
 void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                 const at::Tensor& w13_values, const at::Tensor& w13_meta, const at::Tensor* w13_rowsel,
@@ -126,7 +126,7 @@ void dispatch_tiles(double pairs_per_expert, const at::Tensor& x, const at::Tens
     launch_moe<T, 2, 4, 4, SAMOYEDS, true>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
                                            w2_values, w2_meta, w2_rowsel, chunk, expert_map, out);
   } else {
-    launch_moe<T, 4, 4, 4, SAMOYEDS, true>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
+    launch_moe<T, 4, 4, 2, SAMOYEDS, true>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
                                            w2_values, w2_meta, w2_rowsel, chunk, expert_map, out);
   }
 }

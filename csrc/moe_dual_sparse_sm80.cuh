@@ -162,6 +162,31 @@ __global__ void moe_prepare_kernel(const IdT* __restrict__ topk_ids,       // [T
   }
 }
 
+// The A operand of KB consecutive k-steps for the G groups of one m-tile: one 16-byte value load and one
+// metadata word per lane and (k-step, group). Kernels keep two of these and load block b+1 while the
+// tensor cores work on block b, so each warp always has a block of weights in flight.
+template <int KB, int G>
+struct WeightBlock {
+  uint4 a[KB][G];
+  uint32_t meta[KB][G];
+};
+
+template <int KB, int G>
+__device__ __forceinline__ void load_weight_block(WeightBlock<KB, G>& w, const uint4* __restrict__ a_base,
+                                                  const uint32_t* __restrict__ m_base, int blk, int S) {
+#pragma unroll
+  for (int kk = 0; kk < KB; ++kk) {
+    const int s = blk * KB + kk;
+    if (s < S) {
+#pragma unroll
+      for (int gr = 0; gr < G; ++gr) {
+        w.a[kk][gr] = load_streaming(a_base + (static_cast<long long>(gr) * S + s) * 32);
+        w.meta[kk][gr] = __ldg(m_base + (static_cast<long long>(gr) * S + s) * 16);
+      }
+    }
+  }
+}
+
 // One k-step of one warp: for every group (gate/up or the single w2 group) and n-tile, d = A * B. For
 // 1:2:V+2:4 the product of stored row p is added to the even or odd output row of its pair, chosen by the
 // rowsel bit of the k-step's chunk (a select, so the routing is exact and NaN-safe).
@@ -297,19 +322,13 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
                                    mt * 16 + g + 8 * h) * chunks;
   }
 
-  for (int blk = warp; blk * KB < S; blk += WARPS) {
-    uint4 a[KB][G];
-    uint32_t meta[KB][G];
+  // Blocks of this warp: warp, warp + WARPS, ...; weights of the next block load while this one computes.
+  auto consume = [&](const WeightBlock<KB, G>& w, int blk) {
     uint32_t bfrag[KB][NT][4];
 #pragma unroll
     for (int kk = 0; kk < KB; ++kk) {
       const int s = blk * KB + kk;
       if (s < S) {
-#pragma unroll
-        for (int gr = 0; gr < G; ++gr) {
-          a[kk][gr] = load_streaming(a_base + (static_cast<long long>(gr) * S + s) * 32);
-          meta[kk][gr] = __ldg(m_base + (static_cast<long long>(gr) * S + s) * 16);
-        }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -322,8 +341,19 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
     for (int kk = 0; kk < KB; ++kk) {
       const int s = blk * KB + kk;
       if (s >= S) break;
-      accumulate_kstep<T, G, NT, SAMOYEDS>(acc, a[kk], meta[kk], bfrag[kk], rs_base, SAMOYEDS ? s / chunk_steps : 0);
+      accumulate_kstep<T, G, NT, SAMOYEDS>(acc, w.a[kk], w.meta[kk], bfrag[kk], rs_base,
+                                           SAMOYEDS ? s / chunk_steps : 0);
     }
+  };
+  WeightBlock<KB, G> w0, w1;
+  const int nblk = (S + KB - 1) / KB;
+  if (warp < nblk) load_weight_block<KB, G>(w0, a_base, m_base, warp, S);
+  for (int blk = warp; blk < nblk; blk += 2 * WARPS) {
+    if (blk + WARPS < nblk) load_weight_block<KB, G>(w1, a_base, m_base, blk + WARPS, S);
+    consume(w0, blk);
+    if (blk + WARPS >= nblk) break;
+    if (blk + 2 * WARPS < nblk) load_weight_block<KB, G>(w0, a_base, m_base, blk + 2 * WARPS, S);
+    consume(w1, blk + WARPS);
   }
 
   // Split-K reduction across the CTA's warps (fixed order: deterministic).
@@ -431,27 +461,13 @@ moe_mma_sp_msplit_kernel(const T* __restrict__ act, const uint4* __restrict__ kv
                                    (active ? mt : 0) * 16 + g + 8 * h) * chunks;
   }
 
-  load_b(0, 0);
-  for (int blk = 0; blk < nblk; ++blk) {
+  // One k-block: prefetch the next block's tokens (cp.async) and weights (registers), then compute this one.
+  auto step = [&](int blk, const WeightBlock<KB, G>& cur, WeightBlock<KB, G>& nxt) {
     if (blk + 1 < nblk) {
       load_b(blk + 1, (blk + 1) & 1);
+      if (active) load_weight_block<KB, G>(nxt, a_base, m_base, blk + 1, S);
     } else {
       cp_async_commit();  // empty group: keeps "all but the newest group done" meaning stage blk is ready
-    }
-    uint4 a[KB][G];
-    uint32_t meta[KB][G];
-    if (active) {
-#pragma unroll
-      for (int kk = 0; kk < KB; ++kk) {
-        const int s = blk * KB + kk;
-        if (s < S) {
-#pragma unroll
-          for (int gr = 0; gr < G; ++gr) {
-            a[kk][gr] = load_streaming(a_base + (static_cast<long long>(gr) * S + s) * 32);
-            meta[kk][gr] = __ldg(m_base + (static_cast<long long>(gr) * S + s) * 16);
-          }
-        }
-      }
     }
     cp_async_wait<1>();
     __syncthreads();
@@ -467,10 +483,18 @@ moe_mma_sp_msplit_kernel(const T* __restrict__ act, const uint4* __restrict__ kv
 #pragma unroll
           for (int i = 0; i < 4; ++i)
             bfrag[nt][i] = *reinterpret_cast<const uint32_t*>(&bs[stage][nt * 8 + g][kk * 32 + 2 * t + 8 * i]);
-        accumulate_kstep<T, G, NT, SAMOYEDS>(acc, a[kk], meta[kk], bfrag, rs_base, SAMOYEDS ? s / chunk_steps : 0);
+        accumulate_kstep<T, G, NT, SAMOYEDS>(acc, cur.a[kk], cur.meta[kk], bfrag, rs_base,
+                                             SAMOYEDS ? s / chunk_steps : 0);
       }
     }
-    __syncthreads();  // stage blk is overwritten by the prefetch of the next iteration
+    __syncthreads();  // stage blk is overwritten by the prefetch of the next step
+  };
+  WeightBlock<KB, G> w0, w1;
+  load_b(0, 0);
+  if (active) load_weight_block<KB, G>(w0, a_base, m_base, 0, S);
+  for (int blk = 0; blk < nblk; blk += 2) {
+    step(blk, w0, w1);
+    if (blk + 1 < nblk) step(blk + 1, w1, w0);
   }
   if (active) store_epilogue<T, G, NT, SAMOYEDS>(acc, tile, mt, g, t, sorted_pairs, topk_weights, out, out_ld);
 }
