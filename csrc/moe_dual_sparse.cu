@@ -28,9 +28,9 @@ namespace {
 // smallest that holds an expert's pairs in one tile with high probability (mean + 2 standard deviations
 // of a Poisson count), since every extra tile re-reads the expert's weights:
 //   BN = 8:   split-K kernel, WARPS=8 warps split K, KB=4 k-steps per load batch  (decode)
-//   BN = 16:  M-split kernel, 4 warps x 1 m-tile each, B staged in smem, KB=4
-//   BN = 32:  M-split kernel, KB=2: 64 accumulators + two weight blocks per thread (register budget)
-template <typename T, int NT, int WARPS, int KB, bool SAMOYEDS, bool MSPLIT>
+//   BN = 16, 32: pipelined M-split kernel, 4 warps x 1 m-tile each, 3-stage cp.async ring of KB=2 k-steps
+//                (static shared memory: 3 stages x (tokens + weights + metadata) stays under 48 KB)
+template <typename T, int NT, int WARPS, int KB, bool SAMOYEDS, bool MSPLIT, int STAGES = 3>
 void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                 const at::Tensor& w13_values, const at::Tensor& w13_meta, const at::Tensor* w13_rowsel,
                 const at::Tensor& w2_values, const at::Tensor& w2_meta, const at::Tensor* w2_rowsel, int chunk,
@@ -81,8 +81,8 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
                           const int32_t*, const int32_t*, const float*, T*, int, int, int, int, int);
   Kernel w13_kernel, w2_kernel;  // instantiate only the selected family
   if constexpr (MSPLIT) {
-    w13_kernel = moe_mma_sp_msplit_kernel<T, 2, NT, WARPS, KB, SAMOYEDS>;
-    w2_kernel = moe_mma_sp_msplit_kernel<T, 1, NT, WARPS, KB, SAMOYEDS>;
+    w13_kernel = moe_mma_sp_pipelined_kernel<T, 2, NT, WARPS, KB, STAGES, SAMOYEDS>;
+    w2_kernel = moe_mma_sp_pipelined_kernel<T, 1, NT, WARPS, KB, STAGES, SAMOYEDS>;
   } else {
     w13_kernel = moe_mma_sp_kernel<T, 2, NT, WARPS, KB, SAMOYEDS>;
     w2_kernel = moe_mma_sp_kernel<T, 1, NT, WARPS, KB, SAMOYEDS>;
@@ -123,7 +123,7 @@ void dispatch_tiles(double pairs_per_expert, const at::Tensor& x, const at::Tens
     launch_moe<T, 1, 8, 4, SAMOYEDS, false>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
                                             w2_values, w2_meta, w2_rowsel, chunk, expert_map, out);
   } else if (likely_max <= 16.0) {
-    launch_moe<T, 2, 4, 4, SAMOYEDS, true>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
+    launch_moe<T, 2, 4, 2, SAMOYEDS, true>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
                                            w2_values, w2_meta, w2_rowsel, chunk, expert_map, out);
   } else {
     launch_moe<T, 4, 4, 2, SAMOYEDS, true>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,

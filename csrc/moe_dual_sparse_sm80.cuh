@@ -322,7 +322,7 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
                                    mt * 16 + g + 8 * h) * chunks;
   }
 
-  // Blocks of this warp: warp, warp + WARPS, ...; weights of the next block load while this one computes.
+  // Blocks of this warp: warp, warp + WARPS, ...
   auto consume = [&](const WeightBlock<KB, G>& w, int blk) {
     uint32_t bfrag[KB][NT][4];
 #pragma unroll
@@ -345,15 +345,13 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
                                            SAMOYEDS ? s / chunk_steps : 0);
     }
   };
-  WeightBlock<KB, G> w0, w1;
+  // Measured on H200: double-buffering the weights here raised registers to 171 (one CTA per SM) and ran
+  // 1.4x slower at 1-8 tokens; a single block per warp with 8 warps per CTA keeps more bytes in flight.
   const int nblk = (S + KB - 1) / KB;
-  if (warp < nblk) load_weight_block<KB, G>(w0, a_base, m_base, warp, S);
-  for (int blk = warp; blk < nblk; blk += 2 * WARPS) {
-    if (blk + WARPS < nblk) load_weight_block<KB, G>(w1, a_base, m_base, blk + WARPS, S);
-    consume(w0, blk);
-    if (blk + WARPS >= nblk) break;
-    if (blk + 2 * WARPS < nblk) load_weight_block<KB, G>(w0, a_base, m_base, blk + 2 * WARPS, S);
-    consume(w1, blk + WARPS);
+  for (int blk = warp; blk < nblk; blk += WARPS) {
+    WeightBlock<KB, G> w;
+    load_weight_block<KB, G>(w, a_base, m_base, blk, S);
+    consume(w, blk);
   }
 
   // Split-K reduction across the CTA's warps (fixed order: deterministic).
@@ -375,21 +373,25 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// 2./3. (wider token tiles) M-split variant: used when an expert receives more than ~8 pairs.
+// 2./3. (wider token tiles) Pipelined M-split variant: used when an expert receives more than ~8 pairs.
 //
 // With split-K every m-tile's CTA re-reads the whole token tile from L2, which costs BN/16 (2:4) to BN/8
-// (samoyeds) times the weight bytes: fine for BN = 8, ruinous beyond. Here each warp owns its own m-tile
-// (G groups) over the full K, and the CTA's WARPS warps share one token tile staged in shared memory:
+// (samoyeds) times the weight bytes: fine for BN = 8, ruinous beyond. Here each warp owns one m-tile (its G
+// groups) over the full K, and the CTA's warps share the token tile. Weights, metadata and tokens all move
+// with cp.async into a STAGES-deep shared-memory ring, so STAGES-1 k-blocks are always in flight:
 //
-//      smem B ring (2 stages):  [BN tokens x 32*KB k] --cp.async 16 B, coalesced rows-->  all warps
-//      warp w:  m-tile blockIdx.y*WARPS + w, A fragments straight from global (16 B per lane, coalesced)
-//
-// Rows are padded by 8 elements (16 B) so the B-fragment reads (row g, k = 2t + 8i) of a warp hit 32
-// distinct banks.
+//   k-block:      b        b+1      b+2          (STAGES = 3)
+//   ring slot:  [ MMA ] [ landing ] [ landing ]  <- cp.async issued STAGES-1 blocks ahead
+//   per slot:   tokens [BN x 32*KB] (rows padded by 16 B: conflict-free B reads)
+//               weights [WARPS][KB][G][32 lanes] x 16 B,  metadata [WARPS][KB][G][16] x 4 B
 // ---------------------------------------------------------------------------------------------------------
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -397,18 +399,20 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-template <typename T, int G, int NT, int WARPS, int KB, bool SAMOYEDS>
+template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS>
 __global__ void __launch_bounds__(WARPS * 32)
-moe_mma_sp_msplit_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues,
-                         const uint32_t* __restrict__ kmeta, const uint8_t* __restrict__ rowsel,
-                         const int32_t* __restrict__ sorted_pairs, const int32_t* __restrict__ tile_expert,
-                         const int32_t* __restrict__ num_tiles, const float* __restrict__ topk_weights,
-                         T* __restrict__ out, int K, int num_mtiles, int chunk_steps, int topk, int out_ld) {
+moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues,
+                            const uint32_t* __restrict__ kmeta, const uint8_t* __restrict__ rowsel,
+                            const int32_t* __restrict__ sorted_pairs, const int32_t* __restrict__ tile_expert,
+                            const int32_t* __restrict__ num_tiles, const float* __restrict__ topk_weights,
+                            T* __restrict__ out, int K, int num_mtiles, int chunk_steps, int topk, int out_ld) {
   constexpr int BN = NT * 8;
   constexpr int KBLK = 32 * KB;  // k per stage
   constexpr int LD = KBLK + 8;   // padded smem row, elements
   constexpr int CHUNKS_PER_ROW = KBLK / 8;
-  __shared__ __align__(16) T bs[2][BN][LD];
+  __shared__ __align__(16) T bs[STAGES][BN][LD];
+  __shared__ __align__(16) uint4 as[STAGES][WARPS][KB][G][32];
+  __shared__ __align__(16) uint32_t ms[STAGES][WARPS][KB][G][16];
   __shared__ const T* rows[BN];
   const int tile = blockIdx.x;
   if (tile >= *num_tiles) return;  // uniform across the CTA
@@ -427,15 +431,34 @@ moe_mma_sp_msplit_kernel(const T* __restrict__ act, const uint4* __restrict__ kv
   }
   __syncthreads();
 
-  auto load_b = [&](int blk, int stage) {
+  const long long tile_base = (static_cast<long long>(expert) * num_mtiles + (active ? mt : 0)) * G;
+  const uint4* a_src = kvalues + tile_base * S * 32 + lane;
+  // lanes 0..15 fetch the 16 metadata words (entry 2g' + h); every lane reads entry 2g + (t & 1)
+  const uint32_t* m_src = kmeta + tile_base * S * 16 + (lane & 15);
+
+  auto load_stage = [&](int blk) {
+    const int st = blk % STAGES;
     for (int c = threadIdx.x; c < BN * CHUNKS_PER_ROW; c += WARPS * 32) {
       const int row = c / CHUNKS_PER_ROW, col = (c % CHUNKS_PER_ROW) * 8;
       const int k = blk * KBLK + col;
-      T* dst = &bs[stage][row][col];
+      T* dst = &bs[st][row][col];
       if (rows[row] != nullptr && k < K) {
         cp_async_16(dst, rows[row] + k);
       } else {
         *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+    if (active) {
+#pragma unroll
+      for (int kk = 0; kk < KB; ++kk) {
+        const int s = blk * KB + kk;
+        if (s < S) {
+#pragma unroll
+          for (int gr = 0; gr < G; ++gr) {
+            cp_async_16(&as[st][warp][kk][gr][lane], a_src + (static_cast<long long>(gr) * S + s) * 32);
+            if (lane < 16) cp_async_4(&ms[st][warp][kk][gr][lane], m_src + (static_cast<long long>(gr) * S + s) * 16);
+          }
+        }
       }
     }
     cp_async_commit();
@@ -445,10 +468,6 @@ moe_mma_sp_msplit_kernel(const T* __restrict__ act, const uint4* __restrict__ kv
   float* flat = &acc[0][0][0][0];
 #pragma unroll
   for (int i = 0; i < (SAMOYEDS ? 2 : 1) * G * NT * 4; ++i) flat[i] = 0.f;
-
-  const long long tile_base = (static_cast<long long>(expert) * num_mtiles + (active ? mt : 0)) * G;
-  const uint4* a_base = kvalues + tile_base * S * 32 + lane;
-  const uint32_t* m_base = kmeta + tile_base * S * 16 + 2 * g + (t & 1);
   const int rows_per_group = num_mtiles * 16;
   const int chunks = SAMOYEDS ? S / chunk_steps : 1;
   const uint8_t* rs_base[G][2] = {};
@@ -461,41 +480,46 @@ moe_mma_sp_msplit_kernel(const T* __restrict__ act, const uint4* __restrict__ kv
                                    (active ? mt : 0) * 16 + g + 8 * h) * chunks;
   }
 
-  // One k-block: prefetch the next block's tokens (cp.async) and weights (registers), then compute this one.
-  auto step = [&](int blk, const WeightBlock<KB, G>& cur, WeightBlock<KB, G>& nxt) {
-    if (blk + 1 < nblk) {
-      load_b(blk + 1, (blk + 1) & 1);
-      if (active) load_weight_block<KB, G>(nxt, a_base, m_base, blk + 1, S);
+#pragma unroll
+  for (int p = 0; p < STAGES - 1; ++p) {
+    if (p < nblk) {
+      load_stage(p);
     } else {
-      cp_async_commit();  // empty group: keeps "all but the newest group done" meaning stage blk is ready
+      cp_async_commit();  // empty groups keep the wait count uniform
     }
-    cp_async_wait<1>();
-    __syncthreads();
+  }
+  for (int blk = 0; blk < nblk; ++blk) {
+    cp_async_wait<STAGES - 2>();  // block blk has landed (this thread's copies)
+    __syncthreads();              // ... everyone's; and slot (blk - 1) % STAGES is free again
+    if (blk + STAGES - 1 < nblk) {
+      load_stage(blk + STAGES - 1);
+    } else {
+      cp_async_commit();
+    }
     if (active) {
-      const int stage = blk & 1;
+      const int st = blk % STAGES;
 #pragma unroll
       for (int kk = 0; kk < KB; ++kk) {
         const int s = blk * KB + kk;
         if (s >= S) break;
+        uint4 a[G];
+        uint32_t meta[G];
+#pragma unroll
+        for (int gr = 0; gr < G; ++gr) {
+          a[gr] = as[st][warp][kk][gr][lane];
+          meta[gr] = ms[st][warp][kk][gr][2 * g + (t & 1)];
+        }
         uint32_t bfrag[NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
           for (int i = 0; i < 4; ++i)
-            bfrag[nt][i] = *reinterpret_cast<const uint32_t*>(&bs[stage][nt * 8 + g][kk * 32 + 2 * t + 8 * i]);
-        accumulate_kstep<T, G, NT, SAMOYEDS>(acc, cur.a[kk], cur.meta[kk], bfrag, rs_base,
-                                             SAMOYEDS ? s / chunk_steps : 0);
+            bfrag[nt][i] = *reinterpret_cast<const uint32_t*>(&bs[st][nt * 8 + g][kk * 32 + 2 * t + 8 * i]);
+        accumulate_kstep<T, G, NT, SAMOYEDS>(acc, a, meta, bfrag, rs_base, SAMOYEDS ? s / chunk_steps : 0);
       }
     }
-    __syncthreads();  // stage blk is overwritten by the prefetch of the next step
-  };
-  WeightBlock<KB, G> w0, w1;
-  load_b(0, 0);
-  if (active) load_weight_block<KB, G>(w0, a_base, m_base, 0, S);
-  for (int blk = 0; blk < nblk; blk += 2) {
-    step(blk, w0, w1);
-    if (blk + 1 < nblk) step(blk + 1, w1, w0);
   }
+  cp_async_wait<0>();
   if (active) store_epilogue<T, G, NT, SAMOYEDS>(acc, tile, mt, g, t, sorted_pairs, topk_weights, out, out_ld);
 }
 
