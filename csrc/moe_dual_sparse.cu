@@ -28,9 +28,9 @@ namespace {
 // smallest that holds an expert's pairs in one tile with high probability (mean + 2 standard deviations
 // of a Poisson count), since every extra tile re-reads the expert's weights:
 //   BN = 8:   split-K kernel, WARPS=8 warps split K, KB=4 k-steps per load batch  (decode)
-//   BN = 16, 32: pipelined M-split kernel, 4 warps x 1 m-tile each, 3-stage cp.async ring of KB=2 k-steps
-//                (static shared memory: 3 stages x (tokens + weights + metadata) stays under 48 KB)
-template <typename T, int NT, int WARPS, int KB, bool SAMOYEDS, bool MSPLIT, int STAGES = 3>
+//   BN = 16, 32: pipelined M-split kernel, 4 warps x 1 m-tile each, 5-stage cp.async ring of KB=2 k-steps
+//                (<= 69 KB dynamic shared memory: two CTAs per SM, 8 blocks of weights in flight per CTA)
+template <typename T, int NT, int WARPS, int KB, bool SAMOYEDS, bool MSPLIT, int STAGES = 5>
 void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                 const at::Tensor& w13_values, const at::Tensor& w13_meta, const at::Tensor* w13_rowsel,
                 const at::Tensor& w2_values, const at::Tensor& w2_meta, const at::Tensor* w2_rowsel, int chunk,
@@ -80,23 +80,32 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   using Kernel = void (*)(const T*, const uint4*, const uint32_t*, const uint8_t*, const int32_t*,
                           const int32_t*, const int32_t*, const float*, T*, int, int, int, int, int);
   Kernel w13_kernel, w2_kernel;  // instantiate only the selected family
+  int smem13 = 0, smem2 = 0;
   if constexpr (MSPLIT) {
     w13_kernel = moe_mma_sp_pipelined_kernel<T, 2, NT, WARPS, KB, STAGES, SAMOYEDS>;
     w2_kernel = moe_mma_sp_pipelined_kernel<T, 1, NT, WARPS, KB, STAGES, SAMOYEDS>;
+    smem13 = pipelined_smem_bytes<T, 2, NT, WARPS, KB, STAGES>();
+    smem2 = pipelined_smem_bytes<T, 1, NT, WARPS, KB, STAGES>();
+    static const bool configured = [&] {  // once per instantiation, before any graph capture
+      cudaFuncSetAttribute(w13_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem13);
+      cudaFuncSetAttribute(w2_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem2);
+      return true;
+    }();
+    (void)configured;
   } else {
     w13_kernel = moe_mma_sp_kernel<T, 2, NT, WARPS, KB, SAMOYEDS>;
     w2_kernel = moe_mma_sp_kernel<T, 1, NT, WARPS, KB, SAMOYEDS>;
   }
   const int grid13 = MSPLIT ? (mt13 + WARPS - 1) / WARPS : mt13;
   const int grid2 = MSPLIT ? (mt2 + WARPS - 1) / WARPS : mt2;
-  w13_kernel<<<dim3(max_tiles, grid13), WARPS * 32, 0, stream>>>(
+  w13_kernel<<<dim3(max_tiles, grid13), WARPS * 32, smem13, stream>>>(
       x_ptr, reinterpret_cast<const uint4*>(w13_values.data_ptr()),
       reinterpret_cast<const uint32_t*>(w13_meta.data_ptr()), rs13, sorted_pairs.data_ptr<int32_t>(),
       tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), nullptr, inter_ptr, hidden, mt13,
       chunk_steps, topk, inter);
   SAMOYEDS_CHECK_LAUNCH("moe_mma_sp_kernel<w13+SwiGLU>");
 
-  w2_kernel<<<dim3(max_tiles, grid2), WARPS * 32, 0, stream>>>(
+  w2_kernel<<<dim3(max_tiles, grid2), WARPS * 32, smem2, stream>>>(
       inter_ptr, reinterpret_cast<const uint4*>(w2_values.data_ptr()),
       reinterpret_cast<const uint32_t*>(w2_meta.data_ptr()), rs2, sorted_pairs.data_ptr<int32_t>(),
       tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), weights.data_ptr<float>(), slot_ptr, inter,

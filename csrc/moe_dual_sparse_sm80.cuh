@@ -399,6 +399,12 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Bytes of dynamic shared memory moe_mma_sp_pipelined_kernel needs.
+template <typename T, int G, int NT, int WARPS, int KB, int STAGES>
+constexpr int pipelined_smem_bytes() {
+  return STAGES * (WARPS * KB * G * (32 * 16 + 16 * 4) + NT * 8 * (32 * KB + 8) * static_cast<int>(sizeof(T)));
+}
+
 template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS>
 __global__ void __launch_bounds__(WARPS * 32)
 moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues,
@@ -410,9 +416,12 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   constexpr int KBLK = 32 * KB;  // k per stage
   constexpr int LD = KBLK + 8;   // padded smem row, elements
   constexpr int CHUNKS_PER_ROW = KBLK / 8;
-  __shared__ __align__(16) T bs[STAGES][BN][LD];
-  __shared__ __align__(16) uint4 as[STAGES][WARPS][KB][G][32];
-  __shared__ __align__(16) uint32_t ms[STAGES][WARPS][KB][G][16];
+  // Dynamic shared memory (pipelined_smem_bytes): the ring is larger than the 48 KB static limit.
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto& as = *reinterpret_cast<uint4 (*)[STAGES][WARPS][KB][G][32]>(smem_raw);
+  auto& ms = *reinterpret_cast<uint32_t (*)[STAGES][WARPS][KB][G][16]>(smem_raw + sizeof(uint4) * STAGES * WARPS * KB * G * 32);
+  auto& bs = *reinterpret_cast<T (*)[STAGES][BN][LD]>(smem_raw + (sizeof(uint4) * 32 + sizeof(uint32_t) * 16) *
+                                                                     STAGES * WARPS * KB * G);
   __shared__ const T* rows[BN];
   const int tile = blockIdx.x;
   if (tile >= *num_tiles) return;  // uniform across the CTA
