@@ -52,7 +52,16 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   at::Tensor tile_expert = at::empty({max_tiles}, i32);
   at::Tensor num_tiles = at::empty({1}, i32);
   at::Tensor intermediate = at::empty({max_tiles * BN, inter}, x.options());
-  at::Tensor slot_out = at::empty({std::max(num_pairs, 1), hidden}, x.options());
+  // w2 K splits (pipelined kernel only): enough CTAs to fill the GPU ~8 times over, >= 32 k-blocks each.
+  int splits = 1;
+  if constexpr (MSPLIT) {
+    const int total_blk = (inter / 32 + KB - 1) / KB;
+    const int ctas = max_tiles * ((mt2 + WARPS - 1) / WARPS);
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device());
+    splits = std::max(1, std::min({8, total_blk / 32, (16 * sms + ctas - 1) / ctas}));
+  }
+  at::Tensor slot_out = at::empty({splits, std::max(num_pairs, 1), hidden}, x.options().dtype(at::kFloat));
   at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
 
   const int32_t* map_ptr = expert_map ? expert_map->data_ptr<int32_t>() : nullptr;
@@ -73,12 +82,12 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
 
   const T* x_ptr = reinterpret_cast<const T*>(x.data_ptr());
   T* inter_ptr = reinterpret_cast<T*>(intermediate.data_ptr());
-  T* slot_ptr = reinterpret_cast<T*>(slot_out.data_ptr());
+  float* slot_ptr = slot_out.data_ptr<float>();
   const uint8_t* rs13 = w13_rowsel ? w13_rowsel->data_ptr<uint8_t>() : nullptr;
   const uint8_t* rs2 = w2_rowsel ? w2_rowsel->data_ptr<uint8_t>() : nullptr;
 
   using Kernel = void (*)(const T*, const uint4*, const uint32_t*, const uint8_t*, const int32_t*,
-                          const int32_t*, const int32_t*, const float*, T*, int, int, int, int, int);
+                          const int32_t*, const int32_t*, const float*, void*, int, int, int, int, int, int);
   Kernel w13_kernel, w2_kernel;  // instantiate only the selected family
   int smem13 = 0, smem2 = 0;
   if constexpr (MSPLIT) {
@@ -102,14 +111,14 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
       x_ptr, reinterpret_cast<const uint4*>(w13_values.data_ptr()),
       reinterpret_cast<const uint32_t*>(w13_meta.data_ptr()), rs13, sorted_pairs.data_ptr<int32_t>(),
       tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), nullptr, inter_ptr, hidden, mt13,
-      chunk_steps, topk, inter);
+      chunk_steps, topk, inter, num_pairs);
   SAMOYEDS_CHECK_LAUNCH("moe_mma_sp_kernel<w13+SwiGLU>");
 
-  w2_kernel<<<dim3(max_tiles, grid2), WARPS * 32, smem2, stream>>>(
+  w2_kernel<<<dim3(max_tiles, grid2, splits), WARPS * 32, smem2, stream>>>(
       inter_ptr, reinterpret_cast<const uint4*>(w2_values.data_ptr()),
       reinterpret_cast<const uint32_t*>(w2_meta.data_ptr()), rs2, sorted_pairs.data_ptr<int32_t>(),
       tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), weights.data_ptr<float>(), slot_ptr, inter,
-      mt2, chunk_steps, topk, hidden);
+      mt2, chunk_steps, topk, hidden, num_pairs);
   SAMOYEDS_CHECK_LAUNCH("moe_mma_sp_kernel<w2+routing>");
 
   if (num_tokens > 0) {
@@ -117,7 +126,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
     const int threads = 256;
     moe_combine_kernel<T><<<static_cast<unsigned>((work + threads - 1) / threads), threads, 0, stream>>>(
         slot_ptr, pair_expert.data_ptr<int32_t>(), reinterpret_cast<T*>(out.data_ptr()), num_tokens, topk,
-        hidden);
+        hidden, splits);
     SAMOYEDS_CHECK_LAUNCH("moe_combine_kernel");
   }
 }

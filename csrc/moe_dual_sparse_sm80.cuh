@@ -12,8 +12,10 @@
 //                            AND the 16 matching up rows for BN tokens, so silu(gate) * up happens in registers;
 //                            writes the intermediate [tiles*BN, I] in the activation dtype.
 //   3. moe_mma_sp_kernel<G=1> w2: same grid over H; multiplies the routing weight in the epilogue and writes
-//                            one row per (token, slot) pair: slot_out[T*k, H].
-//   4. moe_combine_kernel    out[t] = sum_j slot_out[t*k + j] in fp32, j ascending (deterministic: no atomics).
+//                            one fp32 row per (token, slot) pair and K split: slot_out[splits, T*k, H]. Long-K
+//                            w2 GEMMs with few CTAs split K over grid.z (each split a plain store, no atomics).
+//   4. moe_combine_kernel    out[t] = sum_z sum_j slot_out[z, t*k + j] in fp32, z then j ascending
+//                            (deterministic: no atomics).
 //
 // Operands of one mma.sp.m16n8k32 (A = weights, output features on M; B = tokens on N; K = reduction):
 //   A (global, kernel layout, see samoyeds_vllm/ops/kernel_layout.py): per (expert, m-tile, group, k-step)
@@ -223,11 +225,11 @@ __device__ __forceinline__ void accumulate_kstep(float (&acc)[SAMOYEDS ? 2 : 1][
 // Epilogue of one warp's m-tile. Output feature of stored row (g + 8h) of m-tile mt, bank b:
 //   2:4: o = mt*16 + g + 8h;  1:2:V+2:4: o = 2 * (mt*16 + g + 8h) + b.
 //   G = 2: out = intermediate row (tile row), value silu(gate) * up.
-//   G = 1: out = slot_out row of the (token, slot) pair, value acc * routing weight; padding rows skipped.
+//   G = 1: out = fp32 slot_out row of the (token, slot) pair, value acc * routing weight; padding rows skipped.
 template <typename T, int G, int NT, bool SAMOYEDS>
 __device__ __forceinline__ void store_epilogue(const float (&acc)[SAMOYEDS ? 2 : 1][G][NT][4], int tile, int mt,
                                                int g, int t, const int32_t* __restrict__ sorted_pairs,
-                                               const float* __restrict__ topk_weights, T* __restrict__ out,
+                                               const float* __restrict__ topk_weights, void* __restrict__ out,
                                                int out_ld) {
   constexpr int BN = NT * 8;
   constexpr int BANKS = SAMOYEDS ? 2 : 1;
@@ -238,7 +240,7 @@ __device__ __forceinline__ void store_epilogue(const float (&acc)[SAMOYEDS ? 2 :
       const int col = tile * BN + nt * 8 + 2 * t + (r & 1);
       const int stored = mt * 16 + g + 8 * (r >> 1);
       if constexpr (G == 2) {
-        T* dst = out + static_cast<long long>(col) * out_ld;
+        T* dst = static_cast<T*>(out) + static_cast<long long>(col) * out_ld;
 #pragma unroll
         for (int b = 0; b < BANKS; ++b)
           dst[SAMOYEDS ? 2 * stored + b : stored] = MmaTraits<T>::from_float(silu(acc[b][0][nt][r]) * acc[b][1][nt][r]);
@@ -246,10 +248,9 @@ __device__ __forceinline__ void store_epilogue(const float (&acc)[SAMOYEDS ? 2 :
         const int pair = sorted_pairs[col];
         if (pair < 0) continue;
         const float w = topk_weights[pair];
-        T* dst = out + static_cast<long long>(pair) * out_ld;
+        float* dst = static_cast<float*>(out) + static_cast<long long>(pair) * out_ld;
 #pragma unroll
-        for (int b = 0; b < BANKS; ++b)
-          dst[SAMOYEDS ? 2 * stored + b : stored] = MmaTraits<T>::from_float(acc[b][0][nt][r] * w);
+        for (int b = 0; b < BANKS; ++b) dst[SAMOYEDS ? 2 * stored + b : stored] = acc[b][0][nt][r] * w;
       }
     }
   }
@@ -270,12 +271,13 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
                   const int32_t* __restrict__ tile_expert,   // [max_tiles]
                   const int32_t* __restrict__ num_tiles,     // [1]
                   const float* __restrict__ topk_weights,    // [T*k] (G=1 only)
-                  T* __restrict__ out,  // G=2: intermediate [tiles*BN, out_ld]; G=1: slot_out [T*k, out_ld]
+                  void* __restrict__ out,  // G=2: intermediate T [tiles*BN, out_ld]; G=1: slot_out fp32 [T*k, out_ld]
                   int K,                // reduction length (H for w13, I for w2)
                   int num_mtiles,       // MT: m-tiles of 16 stored rows per group
                   int chunk_steps,      // V / 32 (SAMOYEDS)
                   int topk,             // k
-                  int out_ld) {         // output features (I for w13, H for w2)
+                  int out_ld,           // output features (I for w13, H for w2)
+                  int /*num_pairs*/) {  // (uniform signature with the pipelined kernel; no K splits here)
   constexpr int BN = NT * 8;
   constexpr int BANKS = SAMOYEDS ? 2 : 1;
   constexpr int NACC = BANKS * G * NT * 4;
@@ -411,7 +413,8 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
                             const uint32_t* __restrict__ kmeta, const uint8_t* __restrict__ rowsel,
                             const int32_t* __restrict__ sorted_pairs, const int32_t* __restrict__ tile_expert,
                             const int32_t* __restrict__ num_tiles, const float* __restrict__ topk_weights,
-                            T* __restrict__ out, int K, int num_mtiles, int chunk_steps, int topk, int out_ld) {
+                            void* __restrict__ out, int K, int num_mtiles, int chunk_steps, int topk, int out_ld,
+                            int num_pairs) {  // G=1: slot_out is [gridDim.z, num_pairs, out_ld]
   constexpr int BN = NT * 8;
   constexpr int KBLK = 32 * KB;  // k per stage
   constexpr int LD = KBLK + 8;   // padded smem row, elements
@@ -431,7 +434,11 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   const int mt = blockIdx.y * WARPS + warp;
   const bool active = mt < num_mtiles;
   const int S = K >> 5;
-  const int nblk = (S + KB - 1) / KB;
+  // K split z (w2 only) owns k-blocks [blk_begin, blk_end).
+  const int total_blk = (S + KB - 1) / KB;
+  const int blk_begin = static_cast<int>(static_cast<long long>(total_blk) * blockIdx.z / gridDim.z);
+  const int blk_end = static_cast<int>(static_cast<long long>(total_blk) * (blockIdx.z + 1) / gridDim.z);
+  const int nblk = blk_end - blk_begin;
   if (threadIdx.x < BN) {
     const int r = tile * BN + threadIdx.x;
     const int pair = sorted_pairs[r];
@@ -445,8 +452,9 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   // lanes 0..15 fetch the 16 metadata words (entry 2g' + h); every lane reads entry 2g + (t & 1)
   const uint32_t* m_src = kmeta + tile_base * S * 16 + (lane & 15);
 
-  auto load_stage = [&](int blk) {
-    const int st = blk % STAGES;
+  auto load_stage = [&](int local) {  // local k-block index within this split
+    const int st = local % STAGES;
+    const int blk = blk_begin + local;
     for (int c = threadIdx.x; c < BN * CHUNKS_PER_ROW; c += WARPS * 32) {
       const int row = c / CHUNKS_PER_ROW, col = (c % CHUNKS_PER_ROW) * 8;
       const int k = blk * KBLK + col;
@@ -509,7 +517,7 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
       const int st = blk % STAGES;
 #pragma unroll
       for (int kk = 0; kk < KB; ++kk) {
-        const int s = blk * KB + kk;
+        const int s = (blk_begin + blk) * KB + kk;
         if (s >= S) break;
         uint4 a[G];
         uint32_t meta[G];
@@ -529,29 +537,35 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
     }
   }
   cp_async_wait<0>();
-  if (active) store_epilogue<T, G, NT, SAMOYEDS>(acc, tile, mt, g, t, sorted_pairs, topk_weights, out, out_ld);
+  void* dst = (G == 1) ? static_cast<void*>(static_cast<float*>(out) + static_cast<long long>(blockIdx.z) * num_pairs * out_ld)
+                       : out;
+  if (active) store_epilogue<T, G, NT, SAMOYEDS>(acc, tile, mt, g, t, sorted_pairs, topk_weights, dst, out_ld);
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// 4. Combine: out[t, :] = sum_j slot_out[t*k + j, :] over this rank's slots, fp32, j ascending.
+// 4. Combine: out[t, :] = sum_z sum_j slot_out[z, t*k + j, :] over this rank's slots, fp32, z then j ascending.
 // ---------------------------------------------------------------------------------------------------------
 template <typename T>
-__global__ void moe_combine_kernel(const T* __restrict__ slot_out,         // [T*k, H]
+__global__ void moe_combine_kernel(const float* __restrict__ slot_out,     // [splits, T*k, H]
                                    const int32_t* __restrict__ pair_expert,  // [T*k]
                                    T* __restrict__ out,                      // [T, H]
-                                   int num_tokens, int topk, int hidden) {
+                                   int num_tokens, int topk, int hidden, int splits) {
   const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;  // one per 8 outputs
   const int per_row = hidden / 8;
   if (idx >= static_cast<long long>(num_tokens) * per_row) return;
   const int token = static_cast<int>(idx / per_row), col = static_cast<int>(idx % per_row) * 8;
+  const long long split_stride = static_cast<long long>(num_tokens) * topk * hidden;
   float sum[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int j = 0; j < topk; ++j) {
-    const int pair = token * topk + j;
-    if (pair_expert[pair] < 0) continue;
-    const uint4 raw = *reinterpret_cast<const uint4*>(slot_out + static_cast<long long>(pair) * hidden + col);
-    const T* v = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) sum[i] += MmaTraits<T>::to_float(v[i]);
+  for (int z = 0; z < splits; ++z) {
+    for (int j = 0; j < topk; ++j) {
+      const int pair = token * topk + j;
+      if (pair_expert[pair] < 0) continue;
+      const float4* src =
+          reinterpret_cast<const float4*>(slot_out + z * split_stride + static_cast<long long>(pair) * hidden + col);
+      const float4 lo = src[0], hi = src[1];
+      sum[0] += lo.x; sum[1] += lo.y; sum[2] += lo.z; sum[3] += lo.w;
+      sum[4] += hi.x; sum[5] += hi.y; sum[6] += hi.z; sum[7] += hi.w;
+    }
   }
   uint4 packed;
   T* o = reinterpret_cast<T*>(&packed);
