@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..formats import PackedWeight, SparsityPattern, parse_pattern, validate
-from ..ops import moe_sparse
+from ..ops import MoEWeights, moe_forward, prepare_moe_weights
 
 __all__ = ["SamoyedsExperts"]
 
@@ -74,12 +74,16 @@ class SamoyedsExperts(nn.Module):
             for suffix, shape in shapes.items():
                 buffer_dtype = dtype if suffix == "sp_values" else torch.uint8
                 self.register_buffer(f"{weight}_{suffix}", torch.empty(shape, dtype=buffer_dtype, device=device))
+        #: True once the values/meta buffers hold the CUDA kernel layout (see ``ops.prepare_moe_weights``).
+        self.kernel_layout = False
 
     def extra_repr(self) -> str:
         return f"E={self.num_experts}, H={self.hidden_dim}, I={self.intermediate_dim}, pattern={self.pattern}"
 
     def packed(self, weight: str) -> PackedWeight:
-        """``"w13"`` or ``"w2"`` as a stacked ``PackedWeight``."""
+        """``"w13"`` or ``"w2"`` as a stacked ``PackedWeight`` (canonical layout only)."""
+        if self.kernel_layout:
+            raise ValueError(f"{self.module_name}: buffers hold the kernel layout, not the canonical one")
         return PackedWeight(
             self.pattern,
             getattr(self, f"{weight}_sp_values"),
@@ -137,4 +141,24 @@ class SamoyedsExperts(nn.Module):
         torch.Tensor
             ``[T, H]`` in ``hidden_states.dtype``.
         """
-        return moe_sparse(hidden_states, top_k_weights, top_k_index, self.packed("w13"), self.packed("w2"))
+        return moe_forward(hidden_states, top_k_weights, top_k_index, self.moe_weights())
+
+    def moe_weights(self) -> MoEWeights:
+        """The buffers as ``MoEWeights``; on a GPU the first call reorders them into the kernel layout once."""
+        if not self.kernel_layout and self.w13_sp_values.is_cuda:
+            prepared = prepare_moe_weights(self.packed("w13"), self.packed("w2"))
+            if prepared.kernel_layout:
+                for name, tensor in prepared.tensors().items():
+                    if tensor is not None:
+                        setattr(self, name, tensor)
+                self.kernel_layout = True
+        return MoEWeights(
+            self.pattern.chunk,
+            self.kernel_layout,
+            self.w13_sp_values,
+            self.w13_sp_meta,
+            getattr(self, "w13_sp_rowsel", None),
+            self.w2_sp_values,
+            self.w2_sp_meta,
+            getattr(self, "w2_sp_rowsel", None),
+        )
