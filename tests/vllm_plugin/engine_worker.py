@@ -26,6 +26,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="where to write the JSON result")
     parser.add_argument("--load-format", default="auto", help="vLLM --load-format (auto, dummy)")
     parser.add_argument("--quantization", default=None, help="vLLM --quantization (default: from config.json)")
+    parser.add_argument("--attention-backend", default=None, help="vLLM --attention-backend (e.g. CPU_MLA)")
     parser.add_argument("--enforce-eager", action="store_true", help="skip torch.compile / graph capture")
     return parser.parse_args(argv)
 
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         load_format=args.load_format,
         quantization=args.quantization,
         enforce_eager=args.enforce_eager,
+        attention_backend=args.attention_backend,
         max_model_len=256,
         max_num_seqs=8,
         seed=0,

@@ -93,3 +93,9 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def failure_report(output: str, limit: int = 3000) -> str:
+    """An engine log cut for an assertion message: the error lines first (root causes sit mid-log), then the tail."""
+    errors = [line for line in output.splitlines() if "Error" in line or "Exception" in line]
+    return "\n".join(errors[:12]) + "\n...\n" + output[-limit:]
