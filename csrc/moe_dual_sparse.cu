@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "moe_dual_sparse_sm80.cuh"
 
@@ -24,13 +25,58 @@ namespace {
                 cudaGetErrorString(err));                                                                  \
   } while (0)
 
-// Tile configurations. Only these are instantiated (compile time). The token tile BN = 8 * NT is the
-// smallest that holds an expert's pairs in one tile with high probability (mean + 2 standard deviations
-// of a Poisson count), since every extra tile re-reads the expert's weights:
-//   BN = 8:   split-K kernel, WARPS=8 warps split K, KB=4 k-steps per load batch  (decode)
-//   BN = 16, 32: pipelined M-split kernel, 4 warps x 1 m-tile each, 5-stage cp.async ring of KB=2 k-steps
-//                (<= 69 KB dynamic shared memory: two CTAs per SM, 8 blocks of weights in flight per CTA)
-template <typename T, int NT, int WARPS, int KB, bool SAMOYEDS, bool MSPLIT, int STAGES = 5>
+// Arguments shared by both GEMM kernels (see moe_dual_sparse_sm80.cuh for units and layouts).
+struct GemmArgs {
+  const void* act;
+  const void* values;
+  const void* meta;
+  const uint8_t* rowsel;
+  const int32_t* sorted_pairs;
+  const int32_t* tile_expert;
+  const int32_t* num_tiles;
+  const float* topk_weights;
+  void* out;
+  int K, num_mtiles, chunk_steps, topk, out_ld, num_pairs, max_tiles;
+};
+
+// Kernel configurations. Only these are instantiated (compile time), all measured on H100/H200:
+//   split-K kernel  (BN = 8, K >= 2048): 8 warps split K within the CTA, KB = 4 k-steps per load batch.
+//   pipelined kernel (BN = 8 with short K, BN = 16, 32): 4 warps x one m-tile each, a 5-stage cp.async
+//       ring of KB = 2 k-steps (<= 69 KB dynamic shared memory), long-K w2 GEMMs split over grid.z.
+// The token tile BN = 8 * NT is the smallest that holds an expert's pairs in one tile with high probability
+// (mean + 2 standard deviations of a Poisson count), since every extra tile re-reads the expert's weights.
+constexpr int kSplitKWarps = 8, kSplitKBlock = 4;
+constexpr int kPipeWarps = 4, kPipeBlock = 2, kPipeStages = 5;
+constexpr int kSplitKMinSteps = 64;  // below 64 k-steps (K < 2048) 8 warps would idle: use the pipelined kernel
+
+template <typename T, int G, int NT, bool SAMOYEDS>
+void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t stream, const char* what) {
+  const T* act = static_cast<const T*>(a.act);
+  const uint4* values = static_cast<const uint4*>(a.values);
+  const uint32_t* meta = static_cast<const uint32_t*>(a.meta);
+  if (pipelined) {
+    constexpr auto kernel = moe_mma_sp_pipelined_kernel<T, G, NT, kPipeWarps, kPipeBlock, kPipeStages, SAMOYEDS>;
+    constexpr int smem = pipelined_smem_bytes<T, G, NT, kPipeWarps, kPipeBlock, kPipeStages>();
+    static const cudaError_t configured =  // once per instantiation, before any graph capture
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    TORCH_CHECK(configured == cudaSuccess, "samoyeds::moe_sparse_prepacked: cannot reserve ", smem,
+                " bytes of shared memory for ", what, ": ", cudaGetErrorString(configured));
+    const dim3 grid(a.max_tiles, (a.num_mtiles + kPipeWarps - 1) / kPipeWarps, splits);
+    kernel<<<grid, kPipeWarps * 32, smem, stream>>>(act, values, meta, a.rowsel, a.sorted_pairs, a.tile_expert,
+                                                   a.num_tiles, a.topk_weights, a.out, a.K, a.num_mtiles,
+                                                   a.chunk_steps, a.topk, a.out_ld, a.num_pairs);
+  } else {
+    if constexpr (NT == 1) {
+      moe_mma_sp_kernel<T, G, 1, kSplitKWarps, kSplitKBlock, SAMOYEDS>
+          <<<dim3(a.max_tiles, a.num_mtiles), kSplitKWarps * 32, 0, stream>>>(
+              act, values, meta, a.rowsel, a.sorted_pairs, a.tile_expert, a.num_tiles, a.topk_weights, a.out,
+              a.K, a.num_mtiles, a.chunk_steps, a.topk, a.out_ld, a.num_pairs);
+    }
+  }
+  SAMOYEDS_CHECK_LAUNCH(what);
+}
+
+template <typename T, int NT, bool SAMOYEDS>
 void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                 const at::Tensor& w13_values, const at::Tensor& w13_meta, const at::Tensor* w13_rowsel,
                 const at::Tensor& w2_values, const at::Tensor& w2_meta, const at::Tensor* w2_rowsel, int chunk,
@@ -47,20 +93,23 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   auto i32 = x.options().dtype(at::kInt);
 
+  const bool pipelined13 = NT > 1 || hidden / 32 < kSplitKMinSteps;
+  const bool pipelined2 = NT > 1 || inter / 32 < kSplitKMinSteps;
+  // w2 K splits (pipelined kernel only): ~16 CTAs per SM in total, >= 32 k-blocks per split, at most 8.
+  int splits = 1;
+  if (pipelined2) {
+    const int total_blk = (inter / 32 + kPipeBlock - 1) / kPipeBlock;
+    const int ctas = max_tiles * ((mt2 + kPipeWarps - 1) / kPipeWarps);
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device());
+    splits = std::max(1, std::min({8, total_blk / 32, (16 * sms + ctas - 1) / ctas}));
+  }
+
   at::Tensor pair_expert = at::empty({std::max(num_pairs, 1)}, i32);
   at::Tensor sorted_pairs = at::empty({max_tiles * BN}, i32);
   at::Tensor tile_expert = at::empty({max_tiles}, i32);
   at::Tensor num_tiles = at::empty({1}, i32);
   at::Tensor intermediate = at::empty({max_tiles * BN, inter}, x.options());
-  // w2 K splits (pipelined kernel only): enough CTAs to fill the GPU ~8 times over, >= 32 k-blocks each.
-  int splits = 1;
-  if constexpr (MSPLIT) {
-    const int total_blk = (inter / 32 + KB - 1) / KB;
-    const int ctas = max_tiles * ((mt2 + WARPS - 1) / WARPS);
-    int sms = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device());
-    splits = std::max(1, std::min({8, total_blk / 32, (16 * sms + ctas - 1) / ctas}));
-  }
   at::Tensor slot_out = at::empty({splits, std::max(num_pairs, 1), hidden}, x.options().dtype(at::kFloat));
   at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
 
@@ -80,55 +129,23 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   }
   SAMOYEDS_CHECK_LAUNCH("moe_prepare_kernel");
 
-  const T* x_ptr = reinterpret_cast<const T*>(x.data_ptr());
-  T* inter_ptr = reinterpret_cast<T*>(intermediate.data_ptr());
-  float* slot_ptr = slot_out.data_ptr<float>();
-  const uint8_t* rs13 = w13_rowsel ? w13_rowsel->data_ptr<uint8_t>() : nullptr;
-  const uint8_t* rs2 = w2_rowsel ? w2_rowsel->data_ptr<uint8_t>() : nullptr;
+  GemmArgs a13{x.data_ptr(), w13_values.data_ptr(), w13_meta.data_ptr(),
+               w13_rowsel ? w13_rowsel->data_ptr<uint8_t>() : nullptr, sorted_pairs.data_ptr<int32_t>(),
+               tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), nullptr, intermediate.data_ptr(),
+               hidden, mt13, chunk_steps, topk, inter, num_pairs, max_tiles};
+  launch_gemm<T, 2, NT, SAMOYEDS>(a13, pipelined13, 1, stream, "w13 GEMM + SwiGLU");
+  GemmArgs a2{intermediate.data_ptr(), w2_values.data_ptr(), w2_meta.data_ptr(),
+              w2_rowsel ? w2_rowsel->data_ptr<uint8_t>() : nullptr, sorted_pairs.data_ptr<int32_t>(),
+              tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), weights.data_ptr<float>(),
+              slot_out.data_ptr(), inter, mt2, chunk_steps, topk, hidden, num_pairs, max_tiles};
+  launch_gemm<T, 1, NT, SAMOYEDS>(a2, pipelined2, splits, stream, "w2 GEMM + routing weight");
 
-  using Kernel = void (*)(const T*, const uint4*, const uint32_t*, const uint8_t*, const int32_t*,
-                          const int32_t*, const int32_t*, const float*, void*, int, int, int, int, int, int);
-  Kernel w13_kernel, w2_kernel;  // instantiate only the selected family
-  int smem13 = 0, smem2 = 0;
-  if constexpr (MSPLIT) {
-    w13_kernel = moe_mma_sp_pipelined_kernel<T, 2, NT, WARPS, KB, STAGES, SAMOYEDS>;
-    w2_kernel = moe_mma_sp_pipelined_kernel<T, 1, NT, WARPS, KB, STAGES, SAMOYEDS>;
-    smem13 = pipelined_smem_bytes<T, 2, NT, WARPS, KB, STAGES>();
-    smem2 = pipelined_smem_bytes<T, 1, NT, WARPS, KB, STAGES>();
-    static const bool configured = [&] {  // once per instantiation, before any graph capture
-      cudaFuncSetAttribute(w13_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem13);
-      cudaFuncSetAttribute(w2_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem2);
-      return true;
-    }();
-    (void)configured;
-  } else {
-    w13_kernel = moe_mma_sp_kernel<T, 2, NT, WARPS, KB, SAMOYEDS>;
-    w2_kernel = moe_mma_sp_kernel<T, 1, NT, WARPS, KB, SAMOYEDS>;
-  }
-  const int grid13 = MSPLIT ? (mt13 + WARPS - 1) / WARPS : mt13;
-  const int grid2 = MSPLIT ? (mt2 + WARPS - 1) / WARPS : mt2;
-  w13_kernel<<<dim3(max_tiles, grid13), WARPS * 32, smem13, stream>>>(
-      x_ptr, reinterpret_cast<const uint4*>(w13_values.data_ptr()),
-      reinterpret_cast<const uint32_t*>(w13_meta.data_ptr()), rs13, sorted_pairs.data_ptr<int32_t>(),
-      tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), nullptr, inter_ptr, hidden, mt13,
-      chunk_steps, topk, inter, num_pairs);
-  SAMOYEDS_CHECK_LAUNCH("moe_mma_sp_kernel<w13+SwiGLU>");
-
-  w2_kernel<<<dim3(max_tiles, grid2, splits), WARPS * 32, smem2, stream>>>(
-      inter_ptr, reinterpret_cast<const uint4*>(w2_values.data_ptr()),
-      reinterpret_cast<const uint32_t*>(w2_meta.data_ptr()), rs2, sorted_pairs.data_ptr<int32_t>(),
-      tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), weights.data_ptr<float>(), slot_ptr, inter,
-      mt2, chunk_steps, topk, hidden, num_pairs);
-  SAMOYEDS_CHECK_LAUNCH("moe_mma_sp_kernel<w2+routing>");
-
-  if (num_tokens > 0) {
-    const long long work = static_cast<long long>(num_tokens) * (hidden / 8);
-    const int threads = 256;
-    moe_combine_kernel<T><<<static_cast<unsigned>((work + threads - 1) / threads), threads, 0, stream>>>(
-        slot_ptr, pair_expert.data_ptr<int32_t>(), reinterpret_cast<T*>(out.data_ptr()), num_tokens, topk,
-        hidden, splits);
-    SAMOYEDS_CHECK_LAUNCH("moe_combine_kernel");
-  }
+  const long long work = static_cast<long long>(num_tokens) * (hidden / 8);
+  const int threads = 256;
+  moe_combine_kernel<T><<<static_cast<unsigned>((work + threads - 1) / threads), threads, 0, stream>>>(
+      slot_out.data_ptr<float>(), pair_expert.data_ptr<int32_t>(), reinterpret_cast<T*>(out.data_ptr()), num_tokens,
+      topk, hidden, splits);
+  SAMOYEDS_CHECK_LAUNCH("moe_combine_kernel");
 }
 
 template <typename T, bool SAMOYEDS>
@@ -138,14 +155,14 @@ void dispatch_tiles(double pairs_per_expert, const at::Tensor& x, const at::Tens
                     const at::Tensor* w2_rowsel, int chunk, const at::Tensor* expert_map, at::Tensor& out) {
   const double likely_max = pairs_per_expert + 2.0 * std::sqrt(pairs_per_expert);
   if (likely_max <= 8.0) {
-    launch_moe<T, 1, 8, 4, SAMOYEDS, false>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
-                                            w2_values, w2_meta, w2_rowsel, chunk, expert_map, out);
+    launch_moe<T, 1, SAMOYEDS>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel, w2_values, w2_meta,
+                               w2_rowsel, chunk, expert_map, out);
   } else if (likely_max <= 16.0) {
-    launch_moe<T, 2, 4, 2, SAMOYEDS, true>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
-                                           w2_values, w2_meta, w2_rowsel, chunk, expert_map, out);
+    launch_moe<T, 2, SAMOYEDS>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel, w2_values, w2_meta,
+                               w2_rowsel, chunk, expert_map, out);
   } else {
-    launch_moe<T, 4, 4, 2, SAMOYEDS, true>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
-                                           w2_values, w2_meta, w2_rowsel, chunk, expert_map, out);
+    launch_moe<T, 4, SAMOYEDS>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel, w2_values, w2_meta,
+                               w2_rowsel, chunk, expert_map, out);
   }
 }
 

@@ -189,31 +189,38 @@ __device__ __forceinline__ void load_weight_block(WeightBlock<KB, G>& w, const u
   }
 }
 
-// One k-step of one warp: for every group (gate/up or the single w2 group) and n-tile, d = A * B. For
-// 1:2:V+2:4 the product of stored row p is added to the even or odd output row of its pair, chosen by the
-// rowsel bit of the k-step's chunk (a select, so the routing is exact and NaN-safe).
+// One k-step of one warp: for every group (gate/up or the single w2 group) and n-tile, acc += A * B.
+// For 1:2:V+2:4 the products accumulate in a work bank for the whole chunk of V inputs (they all belong to
+// the same output row of each pair); at the chunk's end (or the end of this warp's contiguous run of
+// k-steps, if a split cuts the chunk) the work bank is added to the even or odd output row, chosen by the
+// chunk's rowsel bit — a select, so the routing is exact and NaN-safe — and cleared. Routing once per chunk
+// instead of once per k-step cuts the non-tensor-core instructions by V/32.
 template <typename T, int G, int NT, bool SAMOYEDS>
-__device__ __forceinline__ void accumulate_kstep(float (&acc)[SAMOYEDS ? 2 : 1][G][NT][4], const uint4 (&a)[G],
-                                                 const uint32_t (&meta)[G], const uint32_t (&b)[NT][4],
-                                                 const uint8_t* const (&rs)[G][2], int chunk) {
+__device__ __forceinline__ void accumulate_kstep(float (&acc)[SAMOYEDS ? 2 : 1][G][NT][4], float (&work)[G][NT][4],
+                                                 const uint4 (&a)[G], const uint32_t (&meta)[G],
+                                                 const uint32_t (&b)[NT][4], const uint8_t* const (&rs)[G][2],
+                                                 int chunk, bool route) {
 #pragma unroll
   for (int gr = 0; gr < G; ++gr) {
     if constexpr (SAMOYEDS) {
-      const bool odd0 = rs[gr][0][chunk] != 0, odd1 = rs[gr][1][chunk] != 0;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const float zero[4] = {0.f, 0.f, 0.f, 0.f};
-        float d[4];
-        mma_sp_16832<T>(d, a[gr], b[nt], zero, meta[gr]);
-        // rows g (regs 0, 1) and g + 8 (regs 2, 3)
-        acc[0][gr][nt][0] += odd0 ? 0.f : d[0];
-        acc[0][gr][nt][1] += odd0 ? 0.f : d[1];
-        acc[1][gr][nt][0] += odd0 ? d[0] : 0.f;
-        acc[1][gr][nt][1] += odd0 ? d[1] : 0.f;
-        acc[0][gr][nt][2] += odd1 ? 0.f : d[2];
-        acc[0][gr][nt][3] += odd1 ? 0.f : d[3];
-        acc[1][gr][nt][2] += odd1 ? d[2] : 0.f;
-        acc[1][gr][nt][3] += odd1 ? d[3] : 0.f;
+      for (int nt = 0; nt < NT; ++nt) mma_sp_16832<T>(work[gr][nt], a[gr], b[nt], work[gr][nt], meta[gr]);
+      if (route) {
+        const bool odd0 = rs[gr][0][chunk] != 0, odd1 = rs[gr][1][chunk] != 0;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          float (&w)[4] = work[gr][nt];
+          // rows g (regs 0, 1) and g + 8 (regs 2, 3)
+          acc[0][gr][nt][0] += odd0 ? 0.f : w[0];
+          acc[0][gr][nt][1] += odd0 ? 0.f : w[1];
+          acc[1][gr][nt][0] += odd0 ? w[0] : 0.f;
+          acc[1][gr][nt][1] += odd0 ? w[1] : 0.f;
+          acc[0][gr][nt][2] += odd1 ? 0.f : w[2];
+          acc[0][gr][nt][3] += odd1 ? 0.f : w[3];
+          acc[1][gr][nt][2] += odd1 ? w[2] : 0.f;
+          acc[1][gr][nt][3] += odd1 ? w[3] : 0.f;
+          w[0] = w[1] = w[2] = w[3] = 0.f;
+        }
       }
     } else {
 #pragma unroll
@@ -308,6 +315,7 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[b][gr][nt][r] = 0.f;
+  float work[G][NT][4] = {};  // 1:2:V+2:4: products of the current chunk (see accumulate_kstep)
 
   const long long tile_base = (static_cast<long long>(expert) * num_mtiles + mt) * G;  // (e, mt, grp=0)
   const uint4* a_base = kvalues + tile_base * S * 32 + lane;
@@ -343,8 +351,9 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
     for (int kk = 0; kk < KB; ++kk) {
       const int s = blk * KB + kk;
       if (s >= S) break;
-      accumulate_kstep<T, G, NT, SAMOYEDS>(acc, w.a[kk], w.meta[kk], bfrag[kk], rs_base,
-                                           SAMOYEDS ? s / chunk_steps : 0);
+      const bool route = (s + 1) % chunk_steps == 0 || kk == KB - 1 || s + 1 == S;  // chunk or run ends
+      accumulate_kstep<T, G, NT, SAMOYEDS>(acc, work, w.a[kk], w.meta[kk], bfrag[kk], rs_base,
+                                           SAMOYEDS ? s / chunk_steps : 0, route);
     }
   };
   // Measured on H200: double-buffering the weights here raised registers to 171 (one CTA per SM) and ran
@@ -485,6 +494,8 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   float* flat = &acc[0][0][0][0];
 #pragma unroll
   for (int i = 0; i < (SAMOYEDS ? 2 : 1) * G * NT * 4; ++i) flat[i] = 0.f;
+  float work[G][NT][4] = {};  // 1:2:V+2:4: products of the current chunk (see accumulate_kstep)
+  const int run_end = min(blk_end * KB, S);  // this split's k-steps are [blk_begin*KB, run_end)
   const int rows_per_group = num_mtiles * 16;
   const int chunks = SAMOYEDS ? S / chunk_steps : 1;
   const uint8_t* rs_base[G][2] = {};
@@ -532,7 +543,9 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
 #pragma unroll
           for (int i = 0; i < 4; ++i)
             bfrag[nt][i] = *reinterpret_cast<const uint32_t*>(&bs[st][nt * 8 + g][kk * 32 + 2 * t + 8 * i]);
-        accumulate_kstep<T, G, NT, SAMOYEDS>(acc, a, meta, bfrag, rs_base, SAMOYEDS ? s / chunk_steps : 0);
+        const bool route = (s + 1) % chunk_steps == 0 || s + 1 == run_end;  // chunk or this split ends
+        accumulate_kstep<T, G, NT, SAMOYEDS>(acc, work, a, meta, bfrag, rs_base, SAMOYEDS ? s / chunk_steps : 0,
+                                             route);
       }
     }
   }
