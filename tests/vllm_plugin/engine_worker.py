@@ -27,6 +27,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load-format", default="auto", help="vLLM --load-format (auto, dummy)")
     parser.add_argument("--quantization", default=None, help="vLLM --quantization (default: from config.json)")
     parser.add_argument("--attention-backend", default=None, help="vLLM --attention-backend (e.g. CPU_MLA)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM --tensor-parallel-size")
+    parser.add_argument("--enable-expert-parallel", action="store_true", help="vLLM --enable-expert-parallel")
     parser.add_argument("--enforce-eager", action="store_true", help="skip torch.compile / graph capture")
     return parser.parse_args(argv)
 
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         quantization=args.quantization,
         enforce_eager=args.enforce_eager,
         attention_backend=args.attention_backend,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
         max_model_len=256,
         max_num_seqs=8,
         seed=0,

