@@ -29,9 +29,11 @@ __all__ = [
     "QUANT_METHOD",
     "SparsifyResult",
     "build_quantization_config",
+    "canonical_key",
     "check_expert_shapes",
     "iter_sparse_tensors",
     "sparsify_state_dict",
+    "split_expert_tensors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,11 @@ QUANT_METHOD = "samoyeds"
 
 
 def build_quantization_config(
-    pattern: str | SparsityPattern, *, ignore: Sequence[str] = (), pruning: Mapping[str, object] | None = None
+    pattern: str | SparsityPattern,
+    *,
+    ignore: Sequence[str] = (),
+    pruning: Mapping[str, object] | None = None,
+    targets: Sequence[str] = ("experts",),
 ) -> dict[str, object]:
     """The ``quantization_config`` block of a samoyeds ``config.json``.
 
@@ -53,12 +59,14 @@ def build_quantization_config(
         Key prefixes of routed experts that were kept dense.
     pruning:
         Provenance (method and its settings); ``{"method": "magnitude"}`` when omitted.
+    targets:
+        Which MoE weights are packed: ``"experts"`` (routed) and optionally ``"shared_experts"``.
     """
     return {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "pattern": str(parse_pattern(pattern)),
-        "targets": ["experts"],
+        "targets": list(targets),
         "ignore": list(ignore),
         "pruning": dict(pruning) if pruning is not None else {"method": "magnitude"},
     }
@@ -81,7 +89,7 @@ class SparsifyResult:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _canonical_key(key: str, layout: ExpertLayout) -> str:
+def canonical_key(key: str, layout: ExpertLayout) -> str:
     """Map Transformers' in-memory module name ``mlp`` back to the on-disk MoE module name (Mixtral)."""
     if layout.moe_module == "mlp":
         return key
@@ -92,10 +100,20 @@ def _is_ignored(key: str, ignore: Sequence[str]) -> bool:
     return any(key.startswith(prefix) for prefix in ignore)
 
 
-def _split_expert_tensors(
+def split_expert_tensors(
     key: str, tensor: torch.Tensor, layout: ExpertLayout
 ) -> list[tuple[str, str, int, str, torch.Tensor]] | None:
-    """Routed-expert weights in ``key`` as ``(dense_key, layer_prefix, expert, proj, weight[O, I])``; None if none."""
+    """Routed-expert weights in ``key`` as ``(dense_key, layer_prefix, expert, proj, weight[O, I])``; None if none.
+
+    ``dense_key`` is the per-expert on-disk key (``...{moe}.experts.{e}.{proj}.weight``), also for fused input
+    (``...mlp.experts.gate_up_proj [E, 2I, H]`` yields 2E views, ``down_proj [E, H, I]`` E views). Works on meta
+    tensors, so a plan can be made from shapes alone.
+
+    Raises
+    ------
+    ValueError
+        If an expert tensor has the wrong rank or an odd fused ``gate_up_proj``.
+    """
     parsed = parse_expert_key(key, layout)
     if parsed is not None:
         if tensor.dim() != 2:
@@ -151,7 +169,7 @@ def check_expert_shapes(
         if _is_ignored(key, ignore):
             continue
         meta = torch.empty(tuple(shape), device="meta")
-        parts = _split_expert_tensors(key, meta, layout)
+        parts = split_expert_tensors(key, meta, layout)
         for dense_key, *_, weight in parts or ():
             pattern.check_shape(weight.shape[0], weight.shape[1], name=dense_key)
             count += 1
@@ -197,9 +215,9 @@ def iter_sparse_tensors(
     layout = get_layout(model_type)
     pattern = parse_pattern(pattern)
     for key, tensor in items:
-        parts = None if _is_ignored(key, ignore) else _split_expert_tensors(key, tensor, layout)
+        parts = None if _is_ignored(key, ignore) else split_expert_tensors(key, tensor, layout)
         if parts is None:
-            yield _canonical_key(key, layout), tensor, None, None
+            yield canonical_key(key, layout), tensor, None, None
             continue
         for dense_key, layer_prefix, expert, proj, weight in parts:
             pattern.check_shape(weight.shape[0], weight.shape[1], name=dense_key)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["TOKENIZER_FILES", "copy_tokenizer_files", "write_checkpoint"]
+__all__ = ["TOKENIZER_FILES", "ShardWriter", "copy_tokenizer_files", "write_checkpoint", "write_config_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,12 +118,106 @@ def write_checkpoint(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    config = dict(config)
-    config.pop("quantization_config", None)
-    if quantization_config is not None:
-        config["quantization_config"] = dict(quantization_config)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_config_json(out_dir, config, quantization_config)
     if source_dir is not None:
         copy_tokenizer_files(source_dir, out_dir)
     logger.info("wrote %d tensors in %d shard(s) to %s", len(tensors), len(shards), out_dir)
     return out_dir
+
+
+def write_config_json(
+    out_dir: str | Path, config: Mapping[str, object], quantization_config: Mapping[str, object] | None
+) -> Path:
+    """Write ``config.json`` into ``out_dir`` with ``quantization_config`` replacing any existing block.
+
+    Raises
+    ------
+    ValueError
+        If ``config`` has no ``architectures`` (vLLM refuses such checkpoints).
+    """
+    out_dir = Path(out_dir)
+    if not config.get("architectures"):
+        raise ValueError(f"config for {out_dir}: 'architectures' must be set (e.g. ['MixtralForCausalLM'])")
+    config = dict(config)
+    config.pop("quantization_config", None)
+    if quantization_config is not None:
+        config["quantization_config"] = dict(quantization_config)
+    path = out_dir / "config.json"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+class ShardWriter:
+    """Stream tensors into safetensors shards of bounded size (only the current shard is held in memory).
+
+    Shards are first written under temporary names; ``close`` renames them to the Hugging Face names
+    (``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``), since
+    the shard count is only known at the end.
+
+    Parameters
+    ----------
+    out_dir:
+        Existing directory to write into.
+    max_shard_bytes:
+        A shard is written once adding the next tensor would pass this size (a single larger tensor gets its own
+        shard).
+    """
+
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int = _DEFAULT_SHARD_BYTES) -> None:
+        if max_shard_bytes <= 0:
+            raise ValueError(f"ShardWriter: max_shard_bytes must be > 0, got {max_shard_bytes}")
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self.total_bytes = 0
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._parts: list[tuple[Path, list[str]]] = []
+        self._keys: set[str] = set()
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor`` under ``key``; writes the current shard first if ``tensor`` would overflow it.
+
+        Raises
+        ------
+        ValueError
+            If ``key`` was already added.
+        """
+        if key in self._keys:
+            raise ValueError(f"ShardWriter: tensor {key!r} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._keys.add(key)
+        self._buffer[key] = tensor.contiguous()
+        self._buffer_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        path = self.out_dir / f".shard-{len(self._parts) + 1:05d}.safetensors.part"
+        save_file(self._buffer, str(path), metadata={"format": "pt"})
+        self._parts.append((path, list(self._buffer)))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def close(self) -> dict[str, str]:
+        """Write the last shard, give every shard its final name, write the index; returns key -> file name.
+
+        Raises
+        ------
+        ValueError
+            If no tensor was added.
+        """
+        if self._buffer:
+            self._flush()
+        if not self._parts:
+            raise ValueError(f"ShardWriter({self.out_dir}): no tensors to write")
+        weight_map: dict[str, str] = {}
+        count = len(self._parts)
+        for i, (path, keys) in enumerate(self._parts, start=1):
+            name = "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+            path.rename(self.out_dir / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        logger.info("wrote %d tensors in %d shard(s) to %s", len(weight_map), count, self.out_dir)
+        return weight_map
