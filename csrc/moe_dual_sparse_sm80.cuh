@@ -203,23 +203,27 @@ __device__ __forceinline__ void accumulate_kstep(float (&acc)[SAMOYEDS ? 2 : 1][
 #pragma unroll
   for (int gr = 0; gr < G; ++gr) {
     if constexpr (SAMOYEDS) {
+      if (!route) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) mma_sp_16832<T>(work[gr][nt], a[gr], b[nt], work[gr][nt], meta[gr]);
-      if (route) {
+        for (int nt = 0; nt < NT; ++nt) mma_sp_16832<T>(work[gr][nt], a[gr], b[nt], work[gr][nt], meta[gr]);
+      } else {
+        // Last k-step of the chunk: the product goes to a temporary, so clearing the work bank does not
+        // wait for the routing (the next chunk's MMAs start from the constant zero).
         const bool odd0 = rs[gr][0][chunk] != 0, odd1 = rs[gr][1][chunk] != 0;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          float (&w)[4] = work[gr][nt];
+          float d[4];
+          mma_sp_16832<T>(d, a[gr], b[nt], work[gr][nt], meta[gr]);
+          work[gr][nt][0] = work[gr][nt][1] = work[gr][nt][2] = work[gr][nt][3] = 0.f;
           // rows g (regs 0, 1) and g + 8 (regs 2, 3)
-          acc[0][gr][nt][0] += odd0 ? 0.f : w[0];
-          acc[0][gr][nt][1] += odd0 ? 0.f : w[1];
-          acc[1][gr][nt][0] += odd0 ? w[0] : 0.f;
-          acc[1][gr][nt][1] += odd0 ? w[1] : 0.f;
-          acc[0][gr][nt][2] += odd1 ? 0.f : w[2];
-          acc[0][gr][nt][3] += odd1 ? 0.f : w[3];
-          acc[1][gr][nt][2] += odd1 ? w[2] : 0.f;
-          acc[1][gr][nt][3] += odd1 ? w[3] : 0.f;
-          w[0] = w[1] = w[2] = w[3] = 0.f;
+          acc[0][gr][nt][0] += odd0 ? 0.f : d[0];
+          acc[0][gr][nt][1] += odd0 ? 0.f : d[1];
+          acc[1][gr][nt][0] += odd0 ? d[0] : 0.f;
+          acc[1][gr][nt][1] += odd0 ? d[1] : 0.f;
+          acc[0][gr][nt][2] += odd1 ? 0.f : d[2];
+          acc[0][gr][nt][3] += odd1 ? 0.f : d[3];
+          acc[1][gr][nt][2] += odd1 ? d[2] : 0.f;
+          acc[1][gr][nt][3] += odd1 ? d[3] : 0.f;
         }
       }
     } else {
