@@ -17,9 +17,12 @@ Life of one fused-MoE layer (``RoutedExperts``) in vLLM:
    Every loaded tensor is recorded, because vLLM does not check that quantized parameters were all loaded.
 3. ``process_weights_after_loading`` checks that every tensor of every local expert arrived, validates the
    packed metadata (``formats.validate``; corrupted metadata fails here, naming the checkpoint tensor), and
-   repacks to the kernel layout (:func:`repack_for_kernel`, the identity today).
-4. ``apply`` runs ``samoyeds::moe_sparse`` on the router's top-k (no host syncs, Dynamo/CUDA-graph safe) and
-   returns this rank's partial sum; vLLM reduces across ranks and adds shared experts.
+   hands the stacked tensors to ``ops.prepare_moe_weights``, which reorders them into the CUDA kernel layout
+   when that kernel will run (GPU, bf16/fp16, built) and keeps them canonical otherwise. The parameters are
+   replaced by its output; ``samoyeds_kernel_layout`` on the layer records which layout they hold.
+4. ``apply`` calls ``ops.moe_forward`` (``samoyeds::moe_sparse_prepacked`` or ``samoyeds::moe_sparse``) on the
+   router's top-k, with no host syncs (Dynamo / CUDA-graph safe), and returns this rank's partial sum; vLLM
+   reduces across ranks and adds shared experts.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..formats import SUFFIXES, VALUE_DTYPES, PackedWeight, SparsityPattern, validate
-from ..ops import moe_sparse
+from ..ops import MoEWeights, moe_forward, prepare_moe_weights
 from ._compat import FusedMoEMethodBase, expert_map, global_to_local_expert, load_format
 
-__all__ = ["SamoyedsMoEMethod", "packed_shapes", "repack_for_kernel", "slice_packed_tensor"]
+__all__ = ["SamoyedsMoEMethod", "packed_shapes", "slice_packed_tensor"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,15 +108,6 @@ def slice_packed_tensor(
     if cols is not None:
         packed = packed.slice_in_features(*cols)
     return packed.tensors()[suffix]
-
-
-def repack_for_kernel(packed: PackedWeight) -> PackedWeight:
-    """Canonical layout -> the layout ``samoyeds::moe_sparse`` reads. The identity for format_version 1.
-
-    Kernels that want tiles interleaved for their loads repack here, once, after loading; the on-disk
-    format stays kernel-independent.
-    """
-    return packed
 
 
 @dataclass
@@ -328,7 +322,7 @@ class SamoyedsMoEMethod(FusedMoEMethodBase):
         return True if return_success else None
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Check completeness, validate the packed tensors, repack to the kernel layout.
+        """Check completeness, validate the packed tensors, prepare them for the selected op (once).
 
         Raises
         ------
@@ -344,11 +338,15 @@ class SamoyedsMoEMethod(FusedMoEMethodBase):
                 layer.w2_sp_rowsel.data.zero_()
         else:
             self._check_complete(layer, state)
-        for stem, packed in (("w13", self._packed(layer, "w13")), ("w2", self._packed(layer, "w2"))):
-            self._validate(layer, state, stem, packed)
-            for suffix, tensor in repack_for_kernel(packed).tensors().items():
-                getattr(layer, f"{stem}_{suffix}").data = tensor
-        _log_kernel_once(state.pattern, layer.w13_sp_values.device)
+        w13, w2 = self._packed(layer, "w13"), self._packed(layer, "w2")
+        self._validate(layer, state, "w13", w13)
+        self._validate(layer, state, "w2", w2)
+        prepared = prepare_moe_weights(w13, w2)
+        for name, tensor in prepared.tensors().items():
+            if tensor is not None:
+                setattr(layer, name, torch.nn.Parameter(tensor, requires_grad=False))
+        layer.samoyeds_kernel_layout = prepared.kernel_layout
+        _log_kernel_once(state.pattern, layer.w13_sp_values.device, prepared.kernel_layout)
 
     def _check_complete(self, layer: torch.nn.Module, state: _LayerState) -> None:
         suffixes = SUFFIXES if state.pattern.is_samoyeds else SUFFIXES[:2]
@@ -430,19 +428,29 @@ class SamoyedsMoEMethod(FusedMoEMethodBase):
         shared_experts, shared_experts_input:
             Unused: vLLM runs shared experts itself when the method has no modular kernel.
         """
-        w13 = PackedWeight(self.pattern, layer.w13_sp_values, layer.w13_sp_meta, getattr(layer, "w13_sp_rowsel", None))
-        w2 = PackedWeight(self.pattern, layer.w2_sp_values, layer.w2_sp_meta, getattr(layer, "w2_sp_rowsel", None))
-        return moe_sparse(x, topk_weights, topk_ids, w13, w2, expert_map(layer))
+        weights = MoEWeights(
+            self.pattern.chunk,
+            layer.samoyeds_kernel_layout,
+            layer.w13_sp_values,
+            layer.w13_sp_meta,
+            getattr(layer, "w13_sp_rowsel", None),
+            layer.w2_sp_values,
+            layer.w2_sp_meta,
+            getattr(layer, "w2_sp_rowsel", None),
+        )
+        return moe_forward(x, topk_weights, topk_ids, weights, expert_map(layer))
 
 
-def _log_kernel_once(pattern: SparsityPattern, device: torch.device) -> None:
+def _log_kernel_once(pattern: SparsityPattern, device: torch.device, kernel_layout: bool) -> None:
     global _kernel_logged
     if _kernel_logged:
         return
     _kernel_logged = True
     logger.info(
-        "samoyeds: fused-MoE layers run samoyeds::moe_sparse (pattern %s) on %s: %s",
+        "samoyeds: vLLM fused-MoE layers (pattern %s, %s) run %s",
         pattern,
         device,
-        "CPU reference" if device.type == "cpu" else "device kernel selected by samoyeds_vllm.ops",
+        "samoyeds::moe_sparse_prepacked (CUDA kernel layout)"
+        if kernel_layout
+        else "samoyeds::moe_sparse (canonical layout, exact torch reference)",
     )

@@ -193,13 +193,13 @@ def test_rowsel_out_of_range_fails_after_loading():
 def test_dummy_load_yields_valid_metadata(pattern, monkeypatch):
     monkeypatch.setattr(moe_module, "load_format", lambda: "dummy")
     method, layer = _layer(pattern)
+    assert layer.w13_sp_meta.dummy_weight_value == 0x44  # vLLM >= 0.32's dummy loader fills this value
     layer.w13_sp_meta.data.fill_(0xFF)  # what an uninitialised uint8 tensor may hold
     layer.w13_sp_values.data.uniform_(-1e-3, 1e-3)
     layer.w2_sp_values.data.uniform_(-1e-3, 1e-3)
     method.process_weights_after_loading(layer)  # no tensors were loaded; must neither raise nor leave garbage
     x, weights, ids = _routing()
     assert torch.isfinite(method.apply(layer, x, weights, ids, None, None)).all()
-    assert layer.w13_sp_meta.dummy_weight_value == 0x44  # vLLM >= 0.32's dummy loader fills this value
 
 
 def test_create_weights_rejects_tp_splits_that_cut_chunks():
