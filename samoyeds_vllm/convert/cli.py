@@ -129,6 +129,10 @@ def _print_summary(summary: ConvertSummary) -> None:
     if summary.fallback_weights:
         print(f", {summary.fallback_weights} weights fell back to magnitude (no calibration tokens)", end="")
     print()
+    if not summary.bytes_in:  # synthetic: nothing was read
+        rate = summary.bytes_out / summary.seconds / 1e9 if summary.seconds else 0.0
+        print(f"wrote {_gb(summary.bytes_out)} in {summary.seconds:.1f} s ({rate:.3f} GB/s)")
+        return
     _print_table(summary.per_kind)
     saved = summary.bytes_in - summary.bytes_out
     print(f"saved {_gb(saved)} in {summary.seconds:.1f} s ({summary.gbps:.3f} GB/s of source)")

@@ -62,6 +62,7 @@ __all__ = [
     "TensorPlan",
     "atomic_output_dir",
     "convert",
+    "parse_size",
     "plan",
     "resolve",
     "run",
@@ -279,7 +280,8 @@ class ConvertSummary:
         return self.bytes_in / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
-def _parse_size(text: str) -> int:
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``2GB``, ``500MB``, ``1.5G`` or ``123456`` (decimal units)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, flags=re.IGNORECASE)
     if match is None:
         raise ValueError(f"--max-shard-size: cannot parse {text!r}; use e.g. 2GB, 500MB or a byte count")
@@ -407,7 +409,7 @@ def plan(source: CheckpointSource, options: ConvertOptions) -> ConvertPlan:
         entries.append(TensorPlan(key, KIND_OTHER, layer, None, bytes_in, out_bytes, 0))
 
     if options.max_shard_size:
-        max_shard = _parse_size(options.max_shard_size)
+        max_shard = parse_size(options.max_shard_size)
     else:
         max_shard = min(max(source.shard_bytes().values()), 5 * 10**9)
     return ConvertPlan(source, options, pattern, out_dtype, entries, list(ignored), max(1, max_shard))
