@@ -174,7 +174,22 @@ class SamoyedsHfQuantizer(HfQuantizer):
             if self._dtype is not None and module.w13_sp_values.dtype != self._dtype:
                 module.w13_sp_values = module.w13_sp_values.to(self._dtype)
                 module.w2_sp_values = module.w2_sp_values.to(self._dtype)
+        self._cast_stray_parameters(model)
         return model
+
+    def _cast_stray_parameters(self, model) -> None:
+        """Cast floating parameters that kept the checkpoint dtype to the requested one.
+
+        Seen with Transformers 5.17 + Mixtral in bf16: tensors renamed by a weight conversion (the router,
+        ``block_sparse_moe.gate`` -> ``mlp.gate``) stayed float32 while the model ran in bf16. Modules the
+        model keeps in fp32 on purpose (``_keep_in_fp32_modules``) are left alone.
+        """
+        if self._dtype is None:
+            return
+        keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+        for name, param in model.named_parameters():
+            if param.is_floating_point() and param.dtype != self._dtype and not any(k in name for k in keep):
+                param.data = param.data.to(self._dtype)
 
     def _locate(self, module: SamoyedsExperts, err: ValueError) -> str:
         """Re-validate expert by expert to name the checkpoint tensor at fault; fall back to ``err``."""
