@@ -198,7 +198,7 @@ class CheckpointSource:
         return handle.get_tensor(key)
 
     def close(self) -> None:
-        """Drop the open shard handles."""
+        """Drop the open shard handles (unmapping the shards)."""
         self._handles.clear()
 
     def shard_bytes(self) -> dict[str, int]:
@@ -614,6 +614,7 @@ def convert(conversion: ConvertPlan, *, progress: bool = True) -> ConvertSummary
                 for entry in entries:
                     if entry.layer is not None and entry.layer != current:
                         current = entry.layer
+                        source.close()  # unmap what the previous layer read: resident pages stay ~one layer
                         pruner = calibrator.prune_layer(entry.layer)
                     emitter.emit(entry, source.read(entry.key), pruner)
                     bar.update(entry.bytes_in)
@@ -621,7 +622,11 @@ def convert(conversion: ConvertPlan, *, progress: bool = True) -> ConvertSummary
                 extra["fallback_to_magnitude"] = fallback
             else:
                 pruner = magnitude_pruner(conversion.pattern)
+                shard = None
                 for entry in entries:
+                    if source.tensors[entry.key][0] != shard:
+                        shard = source.tensors[entry.key][0]
+                        source.close()  # unmap the finished shard: resident pages stay ~one shard
                     emitter.emit(entry, source.read(entry.key), pruner)
                     bar.update(entry.bytes_in)
         writer.close()

@@ -22,7 +22,12 @@ from .architectures import get_layout
 from .sparsify import build_quantization_config, canonical_key, split_expert_tensors
 from .writer import ShardWriter, write_config_json
 
-__all__ = ["random_packed", "write_synthetic_checkpoint", "write_synthetic_tokenizer"]
+__all__ = [
+    "random_packed",
+    "write_synthetic_checkpoint",
+    "write_synthetic_dense_checkpoint",
+    "write_synthetic_tokenizer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +124,76 @@ def _dense_random(key: str, shape: tuple[int, ...], dtype: torch.dtype, gen: tor
     return (torch.randn(shape, generator=gen) * std).to(dtype)
 
 
+def _model_plan(config_path: Path, dtype: torch.dtype):
+    """``(raw config dict, PretrainedConfig, ExpertLayout, [(key, meta tensor, expert parts or None)])``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        raw = json.loads(Path(config_path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--synthetic {config_path}: cannot read a JSON config ({err})") from err
+    if not isinstance(raw.get("model_type"), str) or not raw.get("architectures"):
+        raise ValueError(f"--synthetic {config_path}: the config needs 'model_type' and 'architectures'")
+    layout = get_layout(raw["model_type"])
+    raw.pop("quantization_config", None)
+    config = AutoConfig.for_model(**raw)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    plan = []
+    for key, meta in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue
+        plan.append((key, meta, split_expert_tensors(key, meta, layout)))
+    if not any(parts for *_, parts in plan):
+        raise ValueError(f"--synthetic {config_path}: the model has no routed experts")
+    return raw, config, layout, plan
+
+
+def write_synthetic_dense_checkpoint(
+    config_path: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    max_shard_bytes: int = _DEFAULT_SHARD_BYTES,
+) -> int:
+    """Write a random *dense* checkpoint (per-expert keys, sharded, plus tokenizer) to test or benchmark conversion.
+
+    Parameters
+    ----------
+    config_path:
+        A Hugging Face ``config.json`` with ``model_type`` and ``architectures``.
+    out_dir:
+        Created (must not exist).
+    dtype, seed:
+        Dtype and seed of the random weights (expert weights normal with std ``initializer_range``).
+    max_shard_bytes:
+        Largest shard.
+
+    Returns
+    -------
+    int
+        Bytes of tensors written.
+    """
+    raw, config, layout, plan = _model_plan(Path(config_path), dtype)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True)
+    std = float(getattr(config, "initializer_range", 0.02))
+    gen = torch.Generator().manual_seed(seed)
+    writer = ShardWriter(out_dir, max_shard_bytes)
+    for key, meta, parts in plan:
+        if not parts:
+            writer.add(canonical_key(key, layout), _dense_random(key, tuple(meta.shape), dtype, gen, std))
+            continue
+        for dense_key, *_, weight in parts:
+            writer.add(dense_key, (torch.randn(tuple(weight.shape), generator=gen) * std).to(dtype))
+    writer.close()
+    write_config_json(out_dir, {**raw, "dtype": str(dtype).removeprefix("torch.")}, None)
+    write_synthetic_tokenizer(out_dir, min(int(getattr(config, "vocab_size", 512)), 512))
+    return writer.total_bytes
+
+
 def write_synthetic_checkpoint(
     config_path: str | Path,
     out_dir: str | Path,
@@ -162,34 +237,16 @@ def write_synthetic_checkpoint(
         For a config without ``model_type``/``architectures``, an unsupported architecture, expert shapes the
         pattern cannot tile, or an existing ``out_dir`` without ``overwrite``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     from .pipeline import ConvertSummary, atomic_output_dir, parse_size
 
     config_path, out_dir = Path(config_path), Path(out_dir)
-    try:
-        raw = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"--synthetic {config_path}: cannot read a JSON config ({err})") from err
-    if not isinstance(raw.get("model_type"), str) or not raw.get("architectures"):
-        raise ValueError(f"--synthetic {config_path}: the config needs 'model_type' and 'architectures'")
-    layout = get_layout(raw["model_type"])
     pattern = parse_pattern(pattern)
-    raw.pop("quantization_config", None)
-    config = AutoConfig.for_model(**raw)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    plan: list[tuple[str, torch.Tensor, list | None]] = []
-    for key, meta in model.state_dict().items():
-        if tied and key == "lm_head.weight":
-            continue
-        parts = split_expert_tensors(key, meta, layout)
+    raw, config, layout, plan = _model_plan(config_path, dtype)
+    for *_, parts in plan:
         for dense_key, *_, weight in parts or ():
             pattern.check_shape(weight.shape[0], weight.shape[1], name=dense_key)
-        plan.append((key, meta, parts))
-    if not any(parts for *_, parts in plan):
-        raise ValueError(f"--synthetic {config_path}: the model has no routed experts")
     if out_dir.exists() and not overwrite:
         raise ValueError(f"OUT_DIR {out_dir} already exists; pass --overwrite to replace it")
 
