@@ -36,7 +36,7 @@ struct GemmArgs {
   const int32_t* num_tiles;
   const float* topk_weights;
   void* out;
-  int K, num_mtiles, chunk_steps, topk, out_ld, num_pairs, max_tiles;
+  int K, num_mtiles, chunk_shift, topk, out_ld, num_pairs, max_tiles;
 };
 
 // Kernel configurations. Only these are instantiated (compile time), all measured on H100/H200:
@@ -64,13 +64,13 @@ void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t str
     const dim3 grid(a.max_tiles, (a.num_mtiles + kPipeWarps - 1) / kPipeWarps, splits);
     kernel<<<grid, kPipeWarps * 32, smem, stream>>>(act, values, meta, a.rowsel, a.sorted_pairs, a.tile_expert,
                                                    a.num_tiles, a.topk_weights, a.out, a.K, a.num_mtiles,
-                                                   a.chunk_steps, a.topk, a.out_ld, a.num_pairs);
+                                                   a.chunk_shift, a.topk, a.out_ld, a.num_pairs);
   } else {
     if constexpr (NT == 1) {
       moe_mma_sp_kernel<T, G, 1, kSplitKWarps, kSplitKBlock, SAMOYEDS>
           <<<dim3(a.max_tiles, a.num_mtiles), kSplitKWarps * 32, 0, stream>>>(
               act, values, meta, a.rowsel, a.sorted_pairs, a.tile_expert, a.num_tiles, a.topk_weights, a.out,
-              a.K, a.num_mtiles, a.chunk_steps, a.topk, a.out_ld, a.num_pairs);
+              a.K, a.num_mtiles, a.chunk_shift, a.topk, a.out_ld, a.num_pairs);
     }
   }
   SAMOYEDS_CHECK_LAUNCH(what);
@@ -87,7 +87,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   const int num_experts = w13_values.size(0);
   const int mt13 = w13_values.size(1), mt2 = w2_values.size(1);
   const int inter = w2_values.size(3) * 32;
-  const int chunk_steps = SAMOYEDS ? chunk / 32 : 1;
+  const int chunk_shift = SAMOYEDS ? __builtin_ctz(static_cast<unsigned>(chunk / 32)) : 0;  // V = 32 << shift
   // Each tile holds >= 1 pair and each expert wastes < 1 tile: tiles <= min(pairs, pairs / BN + E).
   const int max_tiles = std::max(1, std::min(num_pairs, (num_pairs + BN - 1) / BN + num_experts));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -132,12 +132,12 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   GemmArgs a13{x.data_ptr(), w13_values.data_ptr(), w13_meta.data_ptr(),
                w13_rowsel ? w13_rowsel->data_ptr<uint8_t>() : nullptr, sorted_pairs.data_ptr<int32_t>(),
                tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), nullptr, intermediate.data_ptr(),
-               hidden, mt13, chunk_steps, topk, inter, num_pairs, max_tiles};
+               hidden, mt13, chunk_shift, topk, inter, num_pairs, max_tiles};
   launch_gemm<T, 2, NT, SAMOYEDS>(a13, pipelined13, 1, stream, "w13 GEMM + SwiGLU");
   GemmArgs a2{intermediate.data_ptr(), w2_values.data_ptr(), w2_meta.data_ptr(),
               w2_rowsel ? w2_rowsel->data_ptr<uint8_t>() : nullptr, sorted_pairs.data_ptr<int32_t>(),
               tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), weights.data_ptr<float>(),
-              slot_out.data_ptr(), inter, mt2, chunk_steps, topk, hidden, num_pairs, max_tiles};
+              slot_out.data_ptr(), inter, mt2, chunk_shift, topk, hidden, num_pairs, max_tiles};
   launch_gemm<T, 1, NT, SAMOYEDS>(a2, pipelined2, splits, stream, "w2 GEMM + routing weight");
 
   const long long work = static_cast<long long>(num_tokens) * (hidden / 8);

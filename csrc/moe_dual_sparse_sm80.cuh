@@ -285,7 +285,7 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
                   void* __restrict__ out,  // G=2: intermediate T [tiles*BN, out_ld]; G=1: slot_out fp32 [T*k, out_ld]
                   int K,                // reduction length (H for w13, I for w2)
                   int num_mtiles,       // MT: m-tiles of 16 stored rows per group
-                  int chunk_steps,      // V / 32 (SAMOYEDS)
+                  int chunk_shift,      // log2(V / 32) (SAMOYEDS; V is a power of two)
                   int topk,             // k
                   int out_ld,           // output features (I for w13, H for w2)
                   int /*num_pairs*/) {  // (uniform signature with the pipelined kernel; no K splits here)
@@ -325,7 +325,7 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
   const uint4* a_base = kvalues + tile_base * S * 32 + lane;
   const uint32_t* m_base = kmeta + tile_base * S * 16 + 2 * g + (t & 1);
   const int rows_per_group = num_mtiles * 16;
-  const int chunks = SAMOYEDS ? S / chunk_steps : 1;
+  const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
   const uint8_t* rs_base[G][2] = {};
   if constexpr (SAMOYEDS) {
 #pragma unroll
@@ -355,9 +355,9 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
     for (int kk = 0; kk < KB; ++kk) {
       const int s = blk * KB + kk;
       if (s >= S) break;
-      const bool route = (s + 1) % chunk_steps == 0 || kk == KB - 1 || s + 1 == S;  // chunk or run ends
+      const bool route = ((s + 1) & ((1 << chunk_shift) - 1)) == 0 || kk == KB - 1 || s + 1 == S;  // chunk/run ends
       accumulate_kstep<T, G, NT, SAMOYEDS>(acc, work, w.a[kk], w.meta[kk], bfrag[kk], rs_base,
-                                           SAMOYEDS ? s / chunk_steps : 0, route);
+                                           SAMOYEDS ? s >> chunk_shift : 0, route);
     }
   };
   // Measured on H200: double-buffering the weights here raised registers to 171 (one CTA per SM) and ran
@@ -426,7 +426,7 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
                             const uint32_t* __restrict__ kmeta, const uint8_t* __restrict__ rowsel,
                             const int32_t* __restrict__ sorted_pairs, const int32_t* __restrict__ tile_expert,
                             const int32_t* __restrict__ num_tiles, const float* __restrict__ topk_weights,
-                            void* __restrict__ out, int K, int num_mtiles, int chunk_steps, int topk, int out_ld,
+                            void* __restrict__ out, int K, int num_mtiles, int chunk_shift, int topk, int out_ld,
                             int num_pairs) {  // G=1: slot_out is [gridDim.z, num_pairs, out_ld]
   constexpr int BN = NT * 8;
   constexpr int KBLK = 32 * KB;  // k per stage
@@ -501,7 +501,7 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   float work[G][NT][4] = {};  // 1:2:V+2:4: products of the current chunk (see accumulate_kstep)
   const int run_end = min(blk_end * KB, S);  // this split's k-steps are [blk_begin*KB, run_end)
   const int rows_per_group = num_mtiles * 16;
-  const int chunks = SAMOYEDS ? S / chunk_steps : 1;
+  const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
   const uint8_t* rs_base[G][2] = {};
   if constexpr (SAMOYEDS) {
 #pragma unroll
@@ -547,8 +547,8 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
 #pragma unroll
           for (int i = 0; i < 4; ++i)
             bfrag[nt][i] = *reinterpret_cast<const uint32_t*>(&bs[st][nt * 8 + g][kk * 32 + 2 * t + 8 * i]);
-        const bool route = (s + 1) % chunk_steps == 0 || s + 1 == run_end;  // chunk or this split ends
-        accumulate_kstep<T, G, NT, SAMOYEDS>(acc, work, a, meta, bfrag, rs_base, SAMOYEDS ? s / chunk_steps : 0,
+        const bool route = ((s + 1) & ((1 << chunk_shift) - 1)) == 0 || s + 1 == run_end;  // chunk/split ends
+        accumulate_kstep<T, G, NT, SAMOYEDS>(acc, work, a, meta, bfrag, rs_base, SAMOYEDS ? s >> chunk_shift : 0,
                                              route);
       }
     }
