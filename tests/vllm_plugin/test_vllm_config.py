@@ -97,3 +97,16 @@ def test_get_quant_method_dispatch():
     ]:
         assert isinstance(config.get_quant_method(_bare(cls), prefix), UnquantizedLinearMethod), cls
     assert config.get_quant_method(_bare(VocabParallelEmbedding), "model.embed_tokens") is None
+
+
+def test_register_fails_loudly(monkeypatch):
+    import sys
+
+    import samoyeds_vllm.vllm_plugin as plugin
+
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.delattr(plugin, "config", raising=False)
+    monkeypatch.setitem(sys.modules, "samoyeds_vllm.vllm_plugin.config", None)  # the import now raises
+    with pytest.raises(RuntimeError, match="registering the vLLM plugin failed"):
+        plugin.register()
+    assert plugin._registered is False
