@@ -30,6 +30,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM --tensor-parallel-size")
     parser.add_argument("--enable-expert-parallel", action="store_true", help="vLLM --enable-expert-parallel")
     parser.add_argument("--enforce-eager", action="store_true", help="skip torch.compile / graph capture")
+    parser.add_argument("--dtype", default="float32", help="model dtype (the CPU build runs float32 only)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None, help="vLLM GPU memory fraction")
     return parser.parse_args(argv)
 
 
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     llm = LLM(
         model=args.model,
-        dtype="float32",
+        dtype=args.dtype,
         load_format=args.load_format,
         quantization=args.quantization,
         enforce_eager=args.enforce_eager,
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=256,
         max_num_seqs=8,
         seed=0,
+        **({} if args.gpu_memory_utilization is None else {"gpu_memory_utilization": args.gpu_memory_utilization}),
     )
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in json.loads(args.prompts)]

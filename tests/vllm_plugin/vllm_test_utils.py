@@ -78,17 +78,23 @@ def kill_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
-def hf_greedy(model_dir: Path, prompts: list[list[int]] = PROMPTS, max_tokens: int = MAX_TOKENS) -> list[list[int]]:
-    """Greedy tokens of a Transformers model (float32, CPU), one prompt at a time, never stopping early."""
+def hf_greedy(
+    model_dir: Path,
+    prompts: list[list[int]] = PROMPTS,
+    max_tokens: int = MAX_TOKENS,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> list[list[int]]:
+    """Greedy tokens of a Transformers model (float32 on CPU by default), one prompt at a time, never stopping."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=device).eval()
     tokens = []
     with torch.no_grad():
         for ids in prompts:
             out = model.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                torch.tensor([ids], device=device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                 max_new_tokens=max_tokens,
                 min_new_tokens=max_tokens,
                 do_sample=False,
