@@ -3,7 +3,7 @@
 1. Writes a random dense MoE checkpoint (OLMoE-like shapes by default: E=64, H=2048, I=1024, per-expert bf16 keys)
    of about ``--target-gb`` GB in shards of ``--shard-gb``.
 2. Converts it with magnitude pruning in a child process (``python -m samoyeds_vllm.convert``) and reads the child's
-   peak RSS (``ru_maxrss``); an import-only child gives the interpreter + torch baseline.
+   peak RSS (``VmHWM``); an import-only child gives the interpreter + torch baseline.
 3. Converts a small model of the same expert shapes (``--calib-experts`` experts, 2 layers) with Wanda and SparseGPT
    on calibration text, and reports seconds per layer (and per expert weight, to extrapolate to more experts).
 
@@ -77,29 +77,36 @@ def _olmoe_config(layers: int, experts: int, hidden: int, inter: int, vocab: int
     }
 
 
+_PEAK_RSS = (
+    # VmHWM is the high-water mark of this process's own address space. ru_maxrss is not used: Linux carries it
+    # over from the forking parent across exec, so a child of a large parent would report the parent's size.
+    "def _peak_rss():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            return int(line.split()[1]) * 1024\n"
+)
+
+
 def _child_peak_rss(args: list[str]) -> tuple[float, int]:
-    """Run ``python args`` in a child; returns (wall seconds, peak RSS bytes of that child as it reports it)."""
+    """Run ``samoyeds-convert args`` in a child; returns (wall seconds, the child's peak RSS in bytes)."""
     code = (
-        "import resource, runpy, sys\n"
-        f"sys.argv = {['x', *args]!r}\n"
+        "import runpy, sys\n" + _PEAK_RSS + f"sys.argv = {['samoyeds-convert', *args]!r}\n"
         "try:\n    runpy.run_module('samoyeds_vllm.convert', run_name='__main__')\n"
         "except SystemExit as e:\n    assert not e.code, e.code\n"
-        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "print('PEAK_RSS', _peak_rss())\n"
     )
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     wall = time.perf_counter() - start
-    peak = next(int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("PEAK_RSS_KB"))
-    return wall, peak * 1024
+    peak = next(int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("PEAK_RSS"))
+    return wall, peak
 
 
 def _baseline_rss() -> int:
-    code = (
-        "import resource, torch, safetensors, tqdm\nimport samoyeds_vllm.convert.cli\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
+    """Peak RSS of a child that only imports the converter (interpreter + torch + safetensors + tqdm)."""
+    code = "import samoyeds_vllm.convert.cli\n" + _PEAK_RSS + "print(_peak_rss())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return int(out.split()[-1]) * 1024
+    return int(out.split()[-1])
 
 
 def main() -> None:
@@ -129,6 +136,8 @@ def main() -> None:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "pattern": args.pattern,
+        "loadavg_start": os.getloadavg(),
+        "note": "2-core CPU shared with other jobs: see loadavg; timings scale with contention",
     }
     try:
         if not args.skip_large:
@@ -205,6 +214,7 @@ def main() -> None:
         print(json.dumps(record["calibrated"], indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    record["loadavg_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"convert_cpu_{record['date']}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")

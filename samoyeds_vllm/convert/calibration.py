@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..pruning import magnitude_scores, select_mask, sparsegpt_prune, wanda_scores
+from ..pruning import hessian_inverse_factor, magnitude_scores, select_mask, sparsegpt_prune, wanda_scores
 from .sparsify import canonical_key, split_expert_tensors
 
 if TYPE_CHECKING:
@@ -110,6 +110,13 @@ class _Stats:
         self.tokens = 0
         self.sq_sum = torch.zeros(n, dtype=torch.float32, device=device)
         self.hessian = torch.zeros(n, n, dtype=torch.float32, device=device) if hessian else None
+        self._factor: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def inverse_factor(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """SparseGPT's inverse-Hessian factor, computed once and shared by the weights that read these inputs."""
+        if self._factor is None:
+            self._factor = hessian_inverse_factor(self.hessian)
+        return self._factor
 
     def add(self, x: torch.Tensor, s: torch.Tensor | None) -> None:
         xs = x if s is None else x * s[:, None]
@@ -312,7 +319,7 @@ class LayerwiseCalibrator:
             return weight, select_mask(magnitude_scores(weight), self.pattern)
         if self.method == "wanda":
             return weight, select_mask(wanda_scores(weight, stats.sq_sum), self.pattern)
-        return sparsegpt_prune(weight, stats.hessian, self.pattern)
+        return sparsegpt_prune(weight, stats.hessian, self.pattern, inverse_factor=stats.inverse_factor())
 
     def prune_layer(self, index: int) -> Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """Calibrate and prune decoder layer ``index``; returns the pruner the converter applies to its weights.

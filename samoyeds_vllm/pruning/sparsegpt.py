@@ -67,6 +67,7 @@ def sparsegpt_prune(
     *,
     block_size: int = 128,
     damp: float = 0.01,
+    inverse_factor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` to ``pattern`` with SparseGPT's OBS updates; returns the updated pruned weight and its mask.
 
@@ -84,6 +85,9 @@ def sparsegpt_prune(
         at least one tile. Does not change the result beyond float rounding.
     damp:
         Relative diagonal damping of the Hessian.
+    inverse_factor:
+        ``hessian_inverse_factor(hessian, damp)`` if already computed (weights that share inputs, such as an
+        expert's gate and up projections, share it); ``hessian`` is then only shape-checked.
 
     Returns
     -------
@@ -107,7 +111,8 @@ def sparsegpt_prune(
     block = max(tile, block_size // tile * tile)
 
     w = weight.detach().float().clone()
-    hinv, dead = hessian_inverse_factor(hessian.to(w.device), damp)
+    hinv, dead = inverse_factor if inverse_factor is not None else hessian_inverse_factor(hessian.to(w.device), damp)
+    hinv, dead = hinv.to(w.device), dead.to(w.device)
     w[:, dead] = 0.0
     mask = torch.zeros((n_out, n_in), dtype=torch.bool, device=w.device)
     for i1 in range(0, n_in, block):
