@@ -34,13 +34,13 @@ import logging
 import os
 import re
 import shutil
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -164,9 +164,21 @@ class ConvertOptions:
     )
 
 
+@dataclass(frozen=True)
+class _TensorLocation:
+    shard: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    start: int  # absolute byte offset in the shard file
+    stop: int
+
+
 @dataclass
 class CheckpointSource:
     """A dense checkpoint on disk: config and the tensors' locations, shapes and dtypes (headers only).
+
+    Tensors are read with plain positioned reads, not memory maps: a mapped shard's touched pages count as resident
+    memory until it is unmapped, while a read only holds the tensor itself (the page cache is not ours).
 
     Attributes
     ----------
@@ -187,23 +199,52 @@ class CheckpointSource:
     layout: ExpertLayout
     shards: list[str]
     tensors: dict[str, tuple[str, tuple[int, ...], torch.dtype]]
-    _handles: dict[str, object] = field(default_factory=dict, repr=False)
+    _locations: dict[str, _TensorLocation] = field(default_factory=dict, repr=False)
+    _files: dict[str, int] = field(default_factory=dict, repr=False)
 
     def read(self, key: str) -> torch.Tensor:
-        """Load one tensor (the shard is memory-mapped; only this tensor is read)."""
-        shard = self.tensors[key][0]
-        handle = self._handles.get(shard)
-        if handle is None:
-            handle = self._handles[shard] = safe_open(str(self.root / shard), framework="pt")
-        return handle.get_tensor(key)
+        """Load one tensor (a fresh CPU tensor owning its memory)."""
+        loc = self._locations[key]
+        fd = self._files.get(loc.shard)
+        if fd is None:
+            fd = self._files[loc.shard] = os.open(self.root / loc.shard, os.O_RDONLY)
+        buffer = bytearray(loc.stop - loc.start)
+        view, done = memoryview(buffer), 0
+        while done < len(buffer):
+            count = os.preadv(fd, [view[done:]], loc.start + done)
+            if count == 0:
+                raise ValueError(f"{self.root / loc.shard}: file ends inside tensor {key} (truncated download?)")
+            done += count
+        if not buffer:
+            return torch.empty(loc.shape, dtype=loc.dtype)
+        return torch.frombuffer(buffer, dtype=loc.dtype).reshape(loc.shape)
 
     def close(self) -> None:
-        """Drop the open shard handles (unmapping the shards)."""
-        self._handles.clear()
+        """Close the open shard files."""
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
 
     def shard_bytes(self) -> dict[str, int]:
         """File size of every shard."""
         return {name: (self.root / name).stat().st_size for name in self.shards}
+
+
+def _read_header(path: Path) -> tuple[int, dict[str, dict[str, object]]]:
+    """``(data start offset, header entries)`` of a safetensors file."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (size,) = struct.unpack("<Q", head)
+        if size > 100 * 2**20:
+            raise ValueError(f"{path}: not a safetensors file (header of {size} bytes)")
+        try:
+            header = json.loads(handle.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not a safetensors file (bad header: {err})") from err
+    header.pop("__metadata__", None)
+    return 8 + size, header
 
 
 @dataclass(frozen=True)
@@ -330,17 +371,20 @@ def resolve(options: ConvertOptions) -> CheckpointSource:
     layout = get_layout(model_type)
     shards = _shard_names(root)
     tensors: dict[str, tuple[str, tuple[int, ...], torch.dtype]] = {}
+    locations: dict[str, _TensorLocation] = {}
     for shard in shards:
-        with safe_open(str(root / shard), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                view = handle.get_slice(key)
-                name = view.get_dtype()
-                if name not in _SAFETENSORS_DTYPES:
-                    raise ValueError(f"{root / shard}: tensor {key} has unsupported dtype {name}")
-                if key in tensors:
-                    raise ValueError(f"{root}: tensor {key} appears in both {tensors[key][0]} and {shard}")
-                tensors[key] = (shard, tuple(view.get_shape()), _SAFETENSORS_DTYPES[name])
-    return CheckpointSource(root, config, layout, shards, tensors)
+        start, header = _read_header(root / shard)
+        for key, entry in header.items():
+            name = entry.get("dtype")
+            if name not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"{root / shard}: tensor {key} has unsupported dtype {name}")
+            if key in tensors:
+                raise ValueError(f"{root}: tensor {key} appears in both {tensors[key][0]} and {shard}")
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+            tensors[key] = (shard, shape, _SAFETENSORS_DTYPES[name])
+            locations[key] = _TensorLocation(shard, shape, _SAFETENSORS_DTYPES[name], start + begin, start + end)
+    return CheckpointSource(root, config, layout, shards, tensors, locations)
 
 
 def _packed_nbytes(n_out: int, n_in: int, pattern: SparsityPattern, value_bytes: int) -> int:
@@ -614,7 +658,7 @@ def convert(conversion: ConvertPlan, *, progress: bool = True) -> ConvertSummary
                 for entry in entries:
                     if entry.layer is not None and entry.layer != current:
                         current = entry.layer
-                        source.close()  # unmap what the previous layer read: resident pages stay ~one layer
+                        source.close()
                         pruner = calibrator.prune_layer(entry.layer)
                     emitter.emit(entry, source.read(entry.key), pruner)
                     bar.update(entry.bytes_in)
@@ -626,7 +670,7 @@ def convert(conversion: ConvertPlan, *, progress: bool = True) -> ConvertSummary
                 for entry in entries:
                     if source.tensors[entry.key][0] != shard:
                         shard = source.tensors[entry.key][0]
-                        source.close()  # unmap the finished shard: resident pages stay ~one shard
+                        source.close()
                     emitter.emit(entry, source.read(entry.key), pruner)
                     bar.update(entry.bytes_in)
         writer.close()

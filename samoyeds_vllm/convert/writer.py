@@ -5,13 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["TOKENIZER_FILES", "ShardWriter", "copy_tokenizer_files", "write_checkpoint", "write_config_json"]
+__all__ = [
+    "TOKENIZER_FILES",
+    "ShardWriter",
+    "copy_tokenizer_files",
+    "write_checkpoint",
+    "write_config_json",
+    "write_safetensors",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +155,56 @@ def write_config_json(
     return path
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file tensor by tensor, without building the whole file in memory.
+
+    ``safetensors.torch.save_file`` first converts every tensor to ``bytes`` (a second copy of the shard); this
+    writes the header, then each tensor's memory directly (little-endian hosts only, as safetensors itself).
+
+    Raises
+    ------
+    TypeError
+        For a dtype safetensors cannot store.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for key, tensor in tensors.items():
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"write_safetensors: tensor {key} has dtype {tensor.dtype}, which safetensors cannot store")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[key] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the spec allows trailing spaces; 8-byte alignment of the data
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(blob)))
+        handle.write(blob)
+        for tensor in tensors.values():
+            flat = tensor.detach().contiguous().cpu().reshape(-1)
+            if flat.numel():
+                handle.write(flat.view(torch.uint8).numpy().data)
+
+
 class ShardWriter:
     """Stream tensors into safetensors shards of bounded size (only the current shard is held in memory).
 
@@ -194,7 +252,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         path = self.out_dir / f".shard-{len(self._parts) + 1:05d}.safetensors.part"
-        save_file(self._buffer, str(path), metadata={"format": "pt"})
+        write_safetensors(self._buffer, path, {"format": "pt"})
         self._parts.append((path, list(self._buffer)))
         self._buffer, self._buffer_bytes = {}, 0
 

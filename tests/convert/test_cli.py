@@ -77,14 +77,16 @@ def test_every_arch_both_layouts_match_the_dense_masked_model(root: Path, arch: 
     torch.testing.assert_close(_logits(out, ids), _logits(root / f"{arch}-dm", ids), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_calibrated_methods_write_valid_loadable_checkpoints(root: Path, method: str) -> None:
-    dense = root / "qwen3-dense-calib"
+@pytest.mark.parametrize(
+    ("method", "arch"), [("wanda", "qwen3_moe"), ("sparsegpt", "mixtral"), ("sparsegpt", "deepseek_v2")]
+)
+def test_calibrated_methods_write_valid_loadable_checkpoints(root: Path, method: str, arch: str) -> None:
+    dense = root / f"{arch}-dense-calib"
     if not dense.exists():
-        _save_dense("qwen3_moe", dense, fused=False)
+        _save_dense(arch, dense, fused=False)
     text = root / "calib.jsonl"
     text.write_text("".join(json.dumps({"text": CALIBRATION[i::3]}) + "\n" for i in range(3)))
-    out = root / f"qwen3-{method}"
+    out = root / f"{arch}-{method}"
     args = [str(dense), str(out), "--pattern", "1:2:32+2:4", "--method", method, "--calibration", str(text)]
     assert main([*args, "--num-calibration-samples", "4", "--calibration-seq-len", "64", "--router-weighted"]) == 0
     prov = json.loads((out / "config.json").read_text())["quantization_config"]["pruning"]
@@ -160,7 +162,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(root: Path, capsys: pytest.C
 
 
 def _fail_after(monkeypatch: pytest.MonkeyPatch, calls: int, error: BaseException) -> None:
-    real = writer.save_file
+    real = writer.write_safetensors
     count = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -169,7 +171,7 @@ def _fail_after(monkeypatch: pytest.MonkeyPatch, calls: int, error: BaseExceptio
             raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(writer, "save_file", flaky)
+    monkeypatch.setattr(writer, "write_safetensors", flaky)
 
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
@@ -210,7 +212,7 @@ def _error(args: list[str], capsys: pytest.CaptureFixture) -> str:
 
 
 def test_bad_inputs_give_clear_errors_and_write_nothing(root: Path, capsys: pytest.CaptureFixture) -> None:
-    dense = root / "qwen3-dense-calib"
+    dense = root / "qwen3_moe-dense-calib"
     if not dense.exists():
         _save_dense("qwen3_moe", dense, fused=False)
     out = root / "never"

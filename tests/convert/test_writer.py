@@ -11,7 +11,8 @@ from fixtures import write_tiny_checkpoint
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from samoyeds_vllm.convert import write_checkpoint
+from samoyeds_vllm.convert import ShardWriter, write_checkpoint
+from samoyeds_vllm.convert.writer import write_safetensors
 from samoyeds_vllm.formats import PackedWeight
 
 
@@ -56,3 +57,32 @@ def test_shards_and_index(tmp_path: Path) -> None:
 def test_architectures_required(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="architectures"):
         write_checkpoint(tmp_path, {"t": torch.zeros(1)}, {"model_type": "mixtral"})
+
+
+def test_streaming_safetensors_round_trip(tmp_path: Path) -> None:
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "scalar": torch.tensor(2.5),
+        "bool": torch.tensor([True, False, True]),
+        "u8": torch.arange(7, dtype=torch.uint8),
+        "empty": torch.zeros(0, 4),
+        "strided": torch.arange(12.0).reshape(3, 4).T,
+    }
+    write_safetensors(tensors, tmp_path / "x.safetensors", {"format": "pt"})
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert loaded.keys() == tensors.keys()
+    for key, tensor in tensors.items():
+        assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor), key
+
+
+def test_shard_writer_names_and_duplicates(tmp_path: Path) -> None:
+    writer = ShardWriter(tmp_path, max_shard_bytes=1500)
+    for i in range(4):
+        writer.add(f"t{i}", torch.full((128,), float(i)))  # 512 B each: two per shard
+    with pytest.raises(ValueError, match="written twice"):
+        writer.add("t0", torch.zeros(1))
+    weight_map = writer.close()
+    assert sorted(set(weight_map.values())) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert not list(tmp_path.glob(".*"))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == weight_map and index["metadata"]["total_size"] == 4 * 512
