@@ -48,17 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prune the experts of a dense Hugging Face MoE checkpoint to a samoyeds sparsity pattern and "
         "pack them (Resolve, Plan, Validate, Convert; streaming, written atomically). With --synthetic, write a "
         "random-weight sparse checkpoint of a config instead.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        usage="samoyeds-convert SRC_DIR OUT_DIR [--pattern P] [options]\n"
+        "       samoyeds-convert --synthetic CONFIG.json OUT_DIR [--pattern P] [options]",
     )
-    parser.add_argument(
-        "paths", nargs="+", metavar="SRC_DIR OUT_DIR", help="SRC_DIR and OUT_DIR (only OUT_DIR with --synthetic)"
-    )
+    parser.add_argument("paths", nargs="+", metavar="DIR", help="SRC_DIR OUT_DIR, or only OUT_DIR with --synthetic")
     hints = typing.get_type_hints(ConvertOptions)
     for spec in dataclasses.fields(ConvertOptions):
         if spec.name in _POSITIONAL:
             continue
         meta = dict(spec.metadata)
-        kwargs: dict[str, object] = {"help": meta["help"], "dest": spec.name}
+        text = meta["help"]
+        if spec.default not in (None, False, ()) and "default" not in text:
+            shown = ",".join(spec.default) if isinstance(spec.default, tuple) else spec.default
+            text += f" (default: {shown})"
+        kwargs: dict[str, object] = {"help": text, "dest": spec.name}
         hint = hints[spec.name]
         if hint is bool:
             kwargs["action"] = "store_true"
@@ -81,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a random-weight sparse checkpoint of this Hugging Face config directly (no dense weights, no "
         "SRC_DIR); --dtype defaults to bf16",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed of --synthetic weights")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of --synthetic weights (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     return parser
