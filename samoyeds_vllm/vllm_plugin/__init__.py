@@ -40,4 +40,21 @@ def register() -> None:
             "Check that a supported vLLM (0.26-0.33) and samoyeds-vllm are installed in the same environment"
         ) from exc
     _registered = True
+    _share_vllm_log_handlers()
     logger.debug("samoyeds-vllm: vLLM plugin registered")
+
+
+def _share_vllm_log_handlers() -> None:
+    """Show our log lines (kernel choice, fallbacks) in vLLM's log, with vLLM's handlers and level.
+
+    vLLM configures handlers on its own ``vllm`` logger only, so records of ``samoyeds_vllm.*`` would reach
+    no handler and INFO lines (e.g. which kernel a layer runs) would be lost inside vLLM processes. Loggers
+    the user configured (any handler present) are left alone.
+    """
+    ours, theirs = logging.getLogger("samoyeds_vllm"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
+    ours.propagate = False

@@ -24,7 +24,6 @@ def test_cuda_graphs_engine_runs_kernels_and_matches_transformers(tmp_path, arch
     # No --enforce-eager: torch.compile traces apply() and CUDA graphs capture the kernels.
     result = run_engine(sparse, PROMPTS, 8, "--dtype", "float16", "--gpu-memory-utilization", "0.3", timeout=600)
     assert result.returncode == 0, failure_report(result.stdout)
-    assert "samoyeds::moe_sparse_prepacked (CUDA kernel layout)" in result.stdout, "the CUDA kernel did not run"
     expected = hf_greedy(sparse, PROMPTS, 8, dtype=torch.float16, device="cuda")
     # fp16 end to end on both sides, but different attention kernels: the first tokens must agree exactly,
     # later ones may drift after a near-tie; most must still agree.
@@ -33,3 +32,4 @@ def test_cuda_graphs_engine_runs_kernels_and_matches_transformers(tmp_path, arch
         a == b for got, want in zip(result.tokens, expected, strict=True) for a, b in zip(got, want, strict=True)
     )
     assert same >= 0.9 * 8 * len(PROMPTS), (result.tokens, expected)
+    assert "samoyeds::moe_sparse_prepacked (CUDA kernel layout)" in result.stdout, failure_report(result.stdout)
