@@ -104,13 +104,27 @@ def random_packed(
     pattern = parse_pattern(pattern)
     pattern.check_shape(n_out, n_in, name="random_packed")
     rows = n_out // pattern.row_group
-    values = (torch.randn(rows, n_in // 2, generator=generator) * std).to(dtype)
+    values = _randn((rows, n_in // 2), dtype, generator, std)
     low = _NIBBLES[torch.randint(0, 6, (rows, n_in // 8), generator=generator)]
     high = _NIBBLES[torch.randint(0, 6, (rows, n_in // 8), generator=generator)]
     rowsel = None
     if pattern.is_samoyeds:
         rowsel = torch.randint(0, 2, (n_out // 2, n_in // pattern.chunk), generator=generator, dtype=torch.uint8)
     return PackedWeight(pattern, values, low | (high << 4), rowsel)
+
+
+# Random tensors are drawn in fp32 in chunks of this many elements and cast into the output, so a large tensor
+# (a 151936 x 2048 embedding) never exists in fp32 in full.
+_RANDN_CHUNK = 1 << 24
+
+
+def _randn(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, std: float) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype)
+    flat = out.view(-1)
+    for start in range(0, flat.numel(), _RANDN_CHUNK):
+        count = min(_RANDN_CHUNK, flat.numel() - start)
+        flat[start : start + count] = torch.randn(count, generator=gen).mul_(std)
+    return out
 
 
 def _dense_random(key: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, std: float):
@@ -121,7 +135,7 @@ def _dense_random(key: str, shape: tuple[int, ...], dtype: torch.dtype, gen: tor
         return torch.zeros(shape, dtype=dtype)
     if len(shape) == 1 and ("norm" in module or "norm" in leaf or "layernorm" in key):
         return torch.ones(shape, dtype=dtype)
-    return (torch.randn(shape, generator=gen) * std).to(dtype)
+    return _randn(shape, dtype, gen, std)
 
 
 def _model_plan(config_path: Path, dtype: torch.dtype):
@@ -187,7 +201,7 @@ def write_synthetic_dense_checkpoint(
             writer.add(canonical_key(key, layout), _dense_random(key, tuple(meta.shape), dtype, gen, std))
             continue
         for dense_key, *_, weight in parts:
-            writer.add(dense_key, (torch.randn(tuple(weight.shape), generator=gen) * std).to(dtype))
+            writer.add(dense_key, _randn(tuple(weight.shape), dtype, gen, std))
     writer.close()
     write_config_json(out_dir, {**raw, "dtype": str(dtype).removeprefix("torch.")}, None)
     write_synthetic_tokenizer(out_dir, min(int(getattr(config, "vocab_size", 512)), 512))
