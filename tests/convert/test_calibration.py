@@ -73,3 +73,24 @@ def test_calibration_tokens_from_txt_and_jsonl(tmp_path: Path) -> None:
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"content": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"c\.jsonl:2: each line must be an object with a 'text' string"):
         load_calibration_tokens(tmp_path / "c.jsonl", tokenizer, 1, 8)
+
+
+def test_calibration_materialises_one_decoder_layer_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from samoyeds_vllm.convert.calibration import LayerwiseCalibrator
+
+    dense = tmp_path / "dense"
+    build_tiny_model("mixtral", seed=2).save_pretrained(str(dense))
+    write_tiny_tokenizer(dense)
+    (tmp_path / "calib.txt").write_text(_text(500, torch.Generator().manual_seed(3)))
+    seen = []
+    real_forward = LayerwiseCalibrator._forward
+
+    def checked_forward(self, layer):
+        loaded = [i for i, m in enumerate(self.layers) if any(not p.is_meta for p in m.parameters())]
+        seen.append(loaded)
+        return real_forward(self, layer)
+
+    monkeypatch.setattr(LayerwiseCalibrator, "_forward", checked_forward)
+    args = [str(dense), str(tmp_path / "out"), "--pattern", "2:4", "--method", "wanda", "--quiet"]
+    assert main([*args, "--calibration", str(tmp_path / "calib.txt"), "--calibration-seq-len", "32"]) == 0
+    assert seen == [[0]] * 3 + [[1]] * 3  # three forwards per layer, only that layer loaded
