@@ -519,6 +519,19 @@ def validate(conversion: ConvertPlan) -> None:
         raise ValueError(f"OUT_DIR {out} already exists; pass --overwrite to replace it")
 
 
+def _remove_stale_temp_dirs(out_dir: Path) -> None:
+    """Remove temporary directories of earlier runs for ``out_dir`` whose process is gone (killed with SIGKILL)."""
+    for path in out_dir.parent.glob(f".{out_dir.name}.samoyeds-tmp-*"):
+        try:
+            pid = int(path.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            logger.warning("removing %s, left by an interrupted conversion (process %d is gone)", path, pid)
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory beside ``out_dir``; on success it replaces ``out_dir``, on any error it is removed.
@@ -532,6 +545,7 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
     if out_dir.exists() and not overwrite:
         raise ValueError(f"OUT_DIR {out_dir} already exists; pass --overwrite to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.samoyeds-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

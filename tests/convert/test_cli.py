@@ -193,6 +193,20 @@ def test_interrupted_conversion_leaves_no_out_dir(
     assert not [p for p in root.iterdir() if p.name.startswith(f".{out.name}")]
 
 
+def test_temp_dir_of_a_killed_run_is_removed(root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dense = root / "olmoe-interrupt"
+    if not dense.exists():
+        _save_dense("olmoe", dense, fused=False)
+    out = root / "olmoe-killed"
+    stale = root / f".{out.name}.samoyeds-tmp-{2**22 + 1}"  # above Linux's largest pid: that process is gone
+    stale.mkdir()
+    (stale / ".shard-00001.safetensors.part").write_bytes(b"partial")
+    with caplog.at_level("WARNING"):
+        assert main([str(dense), str(out), "--pattern", "2:4", "--quiet"]) == 0
+    assert not stale.exists() and "left by an interrupted conversion" in caplog.text
+    assert (out / "model.safetensors").is_file()
+
+
 def test_failed_overwrite_keeps_the_old_out_dir(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dense = _save_dense("qwen3_moe", root / "qwen3-overwrite", fused=False)
     out = root / "qwen3-overwrite-out"
