@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -166,10 +167,12 @@ def _versions() -> dict:
 
 
 def _commit() -> str:
+    """Short git commit, or $SAMOYEDS_COMMIT where the tree has no .git (e.g. a copy sent to a GPU machine)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
-        return "unknown"
+        out = ""
+    return out or os.environ.get("SAMOYEDS_COMMIT", "unknown")
 
 
 def main() -> None:
