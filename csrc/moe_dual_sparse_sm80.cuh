@@ -8,27 +8,31 @@
 // Four launches, no host synchronisation (CUDA-graph capturable; every size depends on shapes only):
 //   1. moe_prepare_kernel    one CTA: (token, slot) pairs grouped by expert, each expert padded to BN = 8*NT
 //                            rows ("token tiles"); tile -> expert list; number of tiles in device memory.
-//   2. moe_mma_sp_kernel<G=2> w13 + SwiGLU: grid (token tile, m-tile). One CTA computes 16 stored gate rows
-//                            AND the 16 matching up rows for BN tokens, so silu(gate) * up happens in registers;
-//                            writes the intermediate [tiles*BN, I] in the activation dtype.
-//   3. moe_mma_sp_kernel<G=1> w2: same grid over H; multiplies the routing weight in the epilogue and writes
-//                            one fp32 row per (token, slot) pair and K split: slot_out[splits, T*k, H]. Long-K
-//                            w2 GEMMs with few CTAs split K over grid.z (each split a plain store, no atomics).
-//   4. moe_combine_kernel    out[t] = sum_z sum_j slot_out[z, t*k + j] in fp32, z then j ascending
-//                            (deterministic: no atomics).
+//   2. w13 GEMM + SwiGLU (G = 2 groups): grid (token tile, m-tile[s]). A warp computes 16 stored gate rows AND
+//      the 16 matching up rows for BN tokens, so silu(gate) * up happens in registers; writes the
+//      intermediate [tiles*BN, I] in the activation dtype.
+//   3. w2 GEMM (G = 1): same grid over H; multiplies the routing weight in the epilogue and writes one fp32
+//      row per (token, slot) pair and K split: slot_out[splits, T*k, H]. Long-K w2 GEMMs with few CTAs split
+//      K over grid.z (each split a plain store, no atomics).
+//   4. moe_combine_kernel: out[t] = sum_z sum_j slot_out[z, t*k + j] in fp32, z then j ascending
+//      (deterministic: no atomics).
+// Steps 2 and 3 each run one of two kernels (the launcher picks per GEMM, see moe_dual_sparse.cu):
+//   moe_mma_sp_kernel           BN = 8 and K >= 2048: split-K over the CTA's 8 warps (decode).
+//   moe_mma_sp_pipelined_kernel otherwise: one m-tile per warp, tokens and weights through a cp.async ring.
 //
 // Operands of one mma.sp.m16n8k32 (A = weights, output features on M; B = tokens on N; K = reduction):
 //   A (global, kernel layout, see samoyeds_vllm/ops/kernel_layout.py): per (expert, m-tile, group, k-step)
 //     32 lanes x 8 values, lane l = 4g + t holds a0..a3 = (row g | g+8) x (stored cols 2t,2t+1 | 2t+8,2t+9):
 //     one coalesced 16-byte load per lane. Metadata: 16 x u32 per k-step, entry 2g + h for lanes with t = h:
 //     bits 16h..16h+15 of row g's k-step metadata in the low half, of row g+8 in the high half (selector 0).
-//   B (global activations, gathered): b_i = x[token of column g][32s + 2t + 8i, +1], i = 0..3.
+//   B (activations, gathered by token index): b_i = x[token of column g][32s + 2t + 8i, +1], i = 0..3.
 //   C/D: c0, c1 = (row g, tokens 2t, 2t+1), c2, c3 = (row g+8, same tokens); fp32.
 // For 1:2:V+2:4 an A row is a stored row p holding, per chunk of V inputs, the segment of output row
-// 2p + rowsel[p, chunk]. Each k-step's product is routed to an even-row or odd-row accumulator bank by the
-// chunk's rowsel bit (a select, exact); the row-pair resolution never leaves registers.
+// 2p + rowsel[p, chunk]. A chunk's products accumulate in a work bank, which is added to the even-row or
+// odd-row accumulator bank by the chunk's rowsel bit (a select, exact) once per chunk; the row-pair
+// resolution never leaves registers.
 //
-// Work split of one CTA (WARPS warps, split-K inside the CTA, reduced through shared memory):
+// Work split of one split-K CTA (WARPS warps, reduced through shared memory in a fixed order):
 //
 //      k-steps:  | blk0 | blk1 | blk2 | blk3 | blk4 | ... |      blk = KB consecutive k-steps of 32
 //      warp:        w0     w1     w2    ...    w0     ...        warp w takes blocks w, w + WARPS, ...
