@@ -258,3 +258,24 @@ def test_module_entry_point_help() -> None:
     for flag in ("--pattern", "--method", "--calibration", "--targets", "--ignore", "--dtype", "--dry-run"):
         assert flag in result.stdout
     assert "--synthetic" in result.stdout and "--router-weighted" in result.stdout
+
+
+@pytest.mark.slow
+def test_vllm_generates_like_transformers_from_a_sparsegpt_conversion(root: Path) -> None:
+    pytest.importorskip("vllm")
+    from vllm_plugin.vllm_test_utils import PROMPTS, failure_report, run_engine
+
+    dense = root / "qwen3_moe-dense-calib"
+    if not dense.exists():
+        _save_dense("qwen3_moe", dense, fused=False)
+    text = root / "calib-vllm.txt"
+    text.write_text(CALIBRATION)
+    out = root / "qwen3-sparsegpt-vllm"
+    args = [str(dense), str(out), "--pattern", "1:2:32+2:4", "--method", "sparsegpt", "--calibration", str(text)]
+    assert main([*args, "--calibration-seq-len", "64", "--quiet"]) == 0
+    result = run_engine(out, PROMPTS, 6, "--enforce-eager")
+    assert result.returncode == 0, failure_report(result.stdout)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    for ids, tokens in zip(PROMPTS, result.tokens, strict=True):
+        generated = model.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert generated[0, len(ids) :].tolist() == tokens
