@@ -575,7 +575,7 @@ def magnitude_pruner(pattern: SparsityPattern) -> Pruner:
 class _Emitter:
     """Turns a source tensor into output tensors (pruned + packed, or copied) and feeds the shard writer."""
 
-    def __init__(self, conversion: ConvertPlan, writer: ShardWriter | None) -> None:
+    def __init__(self, conversion: ConvertPlan, writer: ShardWriter) -> None:
         self.conversion = conversion
         self.writer = writer
         self.layout = conversion.source.layout
@@ -584,8 +584,7 @@ class _Emitter:
         self.experts: set[tuple[str, int]] = set()
 
     def _add(self, key: str, tensor: torch.Tensor) -> None:
-        if self.writer is not None:
-            self.writer.add(key, tensor)
+        self.writer.add(key, tensor)
 
     def _pack(self, out_stem: str, dense_key: str, weight: torch.Tensor, pruner: Pruner) -> None:
         pruned, mask = pruner(dense_key, weight)
