@@ -88,7 +88,8 @@ def hf_greedy(
     """Greedy tokens of a Transformers model (float32 on CPU by default), one prompt at a time, never stopping."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=device).eval()
+    # (no device_map: that needs accelerate, which the CPU environment does not install)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
     tokens = []
     with torch.no_grad():
         for ids in prompts:
