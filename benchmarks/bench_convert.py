@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_env import cpu_name, git_commit
 
 from samoyeds_vllm.convert import ConvertOptions, run
 from samoyeds_vllm.convert.synthetic import write_synthetic_dense_checkpoint
@@ -37,23 +38,6 @@ _CALIBRATION_TEXT = (
     "the quick brown fox jumps over the lazy dog a sparse mixture of experts routes every token to a few experts "
     "each expert is a small feed forward network hello world how are you today one two three four five six seven"
 )
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def _olmoe_config(layers: int, experts: int, hidden: int, inter: int, vocab: int) -> dict[str, object]:
@@ -129,8 +113,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir))
     record: dict[str, object] = {
         "date": datetime.date.today().isoformat(),
-        "commit": _commit(),
-        "cpu": _cpu_name(),
+        "commit": git_commit(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

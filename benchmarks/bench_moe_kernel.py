@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_env import git_commit
 
 from samoyeds_vllm import ops
 from samoyeds_vllm.formats import pack, parse_pattern
@@ -166,15 +166,6 @@ def _versions() -> dict:
     return versions
 
 
-def _commit() -> str:
-    """Short git commit, or $SAMOYEDS_COMMIT where the tree has no .git (e.g. a copy sent to a GPU machine)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        out = ""
-    return out or os.environ.get("SAMOYEDS_COMMIT", "unknown")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["mixtral_8x7b", "qwen3_30b_a3b"], choices=sorted(SHAPES))
@@ -271,7 +262,7 @@ def main() -> None:
     result = {
         "device": device_name,
         "versions": _versions(),
-        "commit": _commit(),
+        "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
         "copy_bw_GBs": round(copy_bw, 1),
         "matmul_bf16_TFLOPs": round(tflops, 1),

@@ -12,11 +12,11 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from bench_env import cpu_name, git_commit
 
 from samoyeds_vllm.formats import SUPPORTED_CHUNKS, pack, unpack, validate
 from samoyeds_vllm.pruning import magnitude_scores, select_mask
@@ -32,23 +32,6 @@ def _median_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:
@@ -85,10 +68,10 @@ def main() -> None:
             f"{row['bytes_per_weight']:.4f} B/weight"
         )
     result = {
-        "device": _cpu_name(),
+        "device": cpu_name(),
         "threads": args.threads,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "commit": _commit(),
+        "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
         "shape": args.shape,
         "dtype": args.dtype,
