@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 from pathlib import Path
 
-__all__ = ["cpu_name", "git_commit"]
+__all__ = ["cpu_name", "git_commit", "write_result"]
 
 
 def cpu_name() -> str:
@@ -28,3 +29,13 @@ def git_commit() -> str:
     except OSError:
         out = ""
     return out or os.environ.get("SAMOYEDS_COMMIT", "unknown")
+
+
+def write_result(out_dir: Path, kind: str, device: str, result: dict) -> Path:
+    """Write ``result`` as ``<out_dir>/<kind>_<device>_<result['date']>.json`` (the BENCHMARKING.md naming)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = device.replace(" ", "_").replace("/", "_")
+    path = out_dir / f"{kind}_{tag}_{result['date']}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path

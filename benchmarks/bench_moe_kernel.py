@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import platform
 import statistics
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_env import git_commit
+from bench_env import git_commit, write_result
 
 from samoyeds_vllm import ops
 from samoyeds_vllm.formats import pack, parse_pattern
@@ -272,11 +271,7 @@ def main() -> None:
         "cases": cases,
     }
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        tag = device_name.replace(" ", "_").replace("/", "_")
-        path = args.out / f"moe_kernel_{tag}_{result['date']}.json"
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {path}")
+        write_result(args.out, "moe_kernel", device_name, result)
 
 
 if __name__ == "__main__":

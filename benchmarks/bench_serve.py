@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_env import git_commit
+from bench_env import git_commit, write_result
 
 _KV_TOKENS_RE = re.compile(r"KV cache size: ([\d,]+) tokens")
 _WEIGHTS_RE = re.compile(r"Model loading took ([\d.]+) GiB")
@@ -208,11 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             f"TPOT {run['tpot_ms']:.2f} ms  KV {run['kv_cache_tokens']} tokens  weights {run['weight_gib']} GiB"
         )
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        tag = device.replace(" ", "_").replace("/", "_")
-        path = args.out / f"serve_{tag}_{report['date']}.json"
-        path.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {path}")
+        write_result(args.out, "serve", device, report)
     return 0
 
 
