@@ -388,11 +388,8 @@ def resolve(options: ConvertOptions) -> CheckpointSource:
 
 
 def _packed_nbytes(n_out: int, n_in: int, pattern: SparsityPattern, value_bytes: int) -> int:
-    rows = n_out // pattern.row_group
-    nbytes = rows * (n_in // 2) * value_bytes + rows * (n_in // 8)
-    if pattern.is_samoyeds:
-        nbytes += (n_out // 2) * (n_in // pattern.chunk)
-    return nbytes
+    # Exact for every shape the pattern tiles; the Validate stage rejects the others with the tensor's name.
+    return round(n_out * n_in * pattern.bytes_per_weight(value_bytes))
 
 
 def _shared_regex(layout: ExpertLayout) -> re.Pattern[str] | None:

@@ -25,6 +25,7 @@ __all__ = [
     "VALUE_DTYPES",
     "PackedWeight",
     "pack",
+    "packed_shapes",
     "unpack",
     "validate",
 ]
@@ -48,6 +49,24 @@ for _bits in range(16):
     if len(_kept) <= 2:
         _kept += [j for j in range(4) if j not in _kept][: 2 - len(_kept)]
         _POSITIONS_OF_BITSET[_bits] = torch.tensor(sorted(_kept))
+
+
+def packed_shapes(
+    pattern: SparsityPattern, n_out: int, n_in: int, lead: tuple[int, ...] = ()
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of the canonical tensors of a dense ``[*lead, O, I]`` weight, keyed by checkpoint suffix.
+
+    Raises
+    ------
+    ValueError
+        If ``[O, I]`` does not tile by the pattern.
+    """
+    pattern.check_shape(n_out, n_in)
+    kept = n_out // pattern.row_group
+    shapes = {"sp_values": (*lead, kept, n_in // 2), "sp_meta": (*lead, kept, n_in // META_SPAN)}
+    if pattern.is_samoyeds:
+        shapes["sp_rowsel"] = (*lead, n_out // 2, n_in // pattern.chunk)
+    return shapes
 
 
 @dataclass(frozen=True)

@@ -5,19 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats import PackedWeight, SparsityPattern, parse_pattern, validate
+from ..formats import PackedWeight, SparsityPattern, packed_shapes, parse_pattern, validate
 from ..ops import MoEWeights, moe_forward, prepare_moe_weights
 
 __all__ = ["SamoyedsExperts"]
-
-
-def _packed_shapes(pattern: SparsityPattern, experts: int, n_out: int, n_in: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of the stacked packed tensors of a dense ``[E, O, I]`` weight, by checkpoint suffix."""
-    kept = n_out // pattern.row_group
-    shapes = {"sp_values": (experts, kept, n_in // 2), "sp_meta": (experts, kept, n_in // 8)}
-    if pattern.is_samoyeds:
-        shapes["sp_rowsel"] = (experts, n_out // 2, n_in // pattern.chunk)
-    return shapes
 
 
 class SamoyedsExperts(nn.Module):
@@ -67,8 +58,8 @@ class SamoyedsExperts(nn.Module):
         self.pattern.check_shape(2 * intermediate_size, hidden_size, name=f"{name}.w13")
         self.pattern.check_shape(hidden_size, intermediate_size, name=f"{name}.w2")
         self.expected_shapes = {
-            "w13": _packed_shapes(self.pattern, num_experts, 2 * intermediate_size, hidden_size),
-            "w2": _packed_shapes(self.pattern, num_experts, hidden_size, intermediate_size),
+            "w13": packed_shapes(self.pattern, 2 * intermediate_size, hidden_size, (num_experts,)),
+            "w2": packed_shapes(self.pattern, hidden_size, intermediate_size, (num_experts,)),
         }
         for weight, shapes in self.expected_shapes.items():
             for suffix, shape in shapes.items():

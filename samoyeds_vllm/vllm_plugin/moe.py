@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..formats import SUFFIXES, VALUE_DTYPES, PackedWeight, SparsityPattern, validate
+from ..formats import SUFFIXES, VALUE_DTYPES, PackedWeight, SparsityPattern, packed_shapes, validate
 from ..ops import MoEWeights, moe_forward, prepare_moe_weights
 from ._compat import FusedMoEMethodBase, expert_map, global_to_local_expert, load_format
 
@@ -46,22 +46,6 @@ _DUMMY_META_BYTE = 0x44
 _SHARDS = ("w1", "w3", "w2")
 
 _kernel_logged = False
-
-
-def packed_shapes(pattern: SparsityPattern, n_out: int, n_in: int, lead: tuple[int, ...] = ()) -> dict[str, tuple]:
-    """Shapes of the canonical tensors of a dense ``[*lead, O, I]`` weight, keyed by checkpoint suffix.
-
-    Raises
-    ------
-    ValueError
-        If ``[O, I]`` does not tile by the pattern.
-    """
-    pattern.check_shape(n_out, n_in)
-    kept = n_out // pattern.row_group
-    shapes = {"sp_values": (*lead, kept, n_in // 2), "sp_meta": (*lead, kept, n_in // 8)}
-    if pattern.is_samoyeds:
-        shapes["sp_rowsel"] = (*lead, n_out // 2, n_in // pattern.chunk)
-    return shapes
 
 
 def slice_packed_tensor(

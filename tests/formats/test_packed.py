@@ -10,6 +10,7 @@ from samoyeds_vllm.formats import (
     VALUE_DTYPES,
     PackedWeight,
     pack,
+    packed_shapes,
     parse_pattern,
     unpack,
     validate,
@@ -238,3 +239,12 @@ def test_tensor_parallel_shards_reassemble():
 def test_slicing_rejects_cuts_through_the_pattern(method, args, message):
     with pytest.raises(ValueError, match=message):
         getattr(_packed(), method)(*args)
+
+
+@given(weight_and_mask())
+def test_packed_shapes_predicts_the_packed_tensors(case):
+    pattern, weight, mask = case
+    packed = pack(weight, mask, pattern)
+    *lead, n_out, n_in = weight.shape
+    expected = packed_shapes(pattern, n_out, n_in, tuple(lead))
+    assert {name: tuple(t.shape) for name, t in packed.tensors().items()} == expected
