@@ -173,6 +173,13 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--repeats", type=int, default=50, help="timed replays per variant (median reported)")
     parser.add_argument("--no-graph-above", type=int, default=4096, help="time eagerly above this many tokens")
+    parser.add_argument(
+        "--baselines",
+        nargs="*",
+        default=["vllm_fused_experts", "torch_grouped_mm"],
+        choices=["vllm_fused_experts", "torch_grouped_mm"],
+        help="dense baselines to time (none: our kernels only, for tuning runs)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON result")
     args = parser.parse_args()
 
@@ -181,8 +188,8 @@ def main() -> None:
     copy_bw = _copy_bandwidth_gbs()
     tflops = _matmul_tflops()
     print(f"{device_name}: copy {copy_bw:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s")
-    fused_experts = _vllm_fused_experts()
-    if fused_experts is None:
+    fused_experts = _vllm_fused_experts() if "vllm_fused_experts" in args.baselines else None
+    if fused_experts is None and "vllm_fused_experts" in args.baselines:
         print("vLLM not importable: vllm_fused_experts baseline skipped")
     cases = []
     for shape_name in args.shapes:
@@ -219,8 +226,9 @@ def main() -> None:
                 fn = partial(_fused_experts_call, fused_experts, x, weights, ids, dense13, dense2)
                 baselines["vllm_fused_experts"] = _median_us(_rotating(fn, copies), args.repeats, use_graph)
             try:
-                fn = partial(_grouped_mm_call, x, weights, ids, dense13, dense2)
-                baselines["torch_grouped_mm"] = _median_us(_rotating(fn, copies), args.repeats, use_graph)
+                if "torch_grouped_mm" in args.baselines:
+                    fn = partial(_grouped_mm_call, x, weights, ids, dense13, dense2)
+                    baselines["torch_grouped_mm"] = _median_us(_rotating(fn, copies), args.repeats, use_graph)
             except RuntimeError as err:
                 print(f"torch._grouped_mm baseline failed ({str(err).splitlines()[0]}); skipped")
             dense_active_bytes = active * 3 * hidden * inter * 2 + act_bytes

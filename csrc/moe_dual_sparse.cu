@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 
 #include "moe_dual_sparse_sm80.cuh"
@@ -41,37 +42,62 @@ struct GemmArgs {
 
 // Kernel configurations. Only these are instantiated (compile time), all measured on H100/H200:
 //   split-K kernel  (BN = 8, K >= 2048): 8 warps split K within the CTA, KB = 4 k-steps per load batch.
-//   pipelined kernel (BN = 8 with short K, BN = 16, 32): 4 warps x one m-tile each, a 5-stage cp.async
-//       ring of KB = 2 k-steps (<= 69 KB dynamic shared memory), long-K w2 GEMMs split over grid.z.
-// The token tile BN = 8 * NT (8, 16, 32; 64 for 2:4 only, measured faster only above ~64 pairs per expert:
-// at 32 pairs/expert on Mixtral BN=64 ran 931 us vs 806 us for BN=32) is the smallest that holds an expert's pairs in one tile with high probability
-// (mean + 2 standard deviations of a Poisson count), since every extra tile re-reads the expert's weights.
+//   pipelined kernel (BN = 8 with short K, BN = 16, 32, 64): one m-tile per warp, a cp.async ring of
+//       KB-k-step stages (PipeConfig), long-K w2 GEMMs split over grid.z.
+// The token tile BN = 8 * NT (8, 16, 32, 64) is chosen in dispatch_tiles.
 constexpr int kSplitKWarps = 8, kSplitKBlock = 4;
-constexpr int kPipeWarps = 4, kPipeBlock = 2, kPipeStages = 5;
 constexpr int kSplitKMinSteps = 64;  // below 64 k-steps (K < 2048) 8 warps would idle: use the pipelined kernel
+
+// Tuning overrides read once per process (documented in samoyeds_vllm/envs.py); 0 = automatic.
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return (v != nullptr && *v != '\0') ? std::atoi(v) : fallback;
+}
+int forced_token_tile() {
+  static const int v = env_int("SAMOYEDS_TOKEN_TILE", 0);
+  return v;
+}
+// Pipelined-kernel configuration per pattern (measured on H200, bf16, Mixtral-8x7B and Qwen3-30B-A3B shapes
+// at 8-128 tokens, against 4x2x5 and 8x4x3 — see docs/PERFORMANCE.md):
+//   2:4        8 warps x KB 2 x 4 stages: 8 m-tiles share each token stage (half the token traffic per weight
+//              byte of 4 warps), 16 warps per SM; 10-20% faster than 4 warps at 32-128 tokens on Mixtral.
+//   1:2:V+2:4  4 warps x KB 4 x 3 stages: twice the accumulators of 2:4 (two banks) leave room for fewer
+//              warps only; longer stages halve the per-stage overhead. 5-10% faster than 4x2x5 at 32-64.
+template <bool SAMOYEDS>
+struct PipeConfig {
+  static constexpr int kWarps = SAMOYEDS ? 4 : 8;
+  static constexpr int kBlock = SAMOYEDS ? 4 : 2;
+  static constexpr int kStages = SAMOYEDS ? 3 : 4;
+};
+
+template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS>
+void launch_pipelined(const GemmArgs& a, int splits, cudaStream_t stream, const char* what) {
+  constexpr auto kernel = moe_mma_sp_pipelined_kernel<T, G, NT, WARPS, KB, STAGES, SAMOYEDS>;
+  constexpr int smem = pipelined_smem_bytes<T, G, NT, WARPS, KB, STAGES>();
+  static const cudaError_t configured =  // once per instantiation, before any graph capture
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  TORCH_CHECK(configured == cudaSuccess, "samoyeds::moe_sparse_prepacked: cannot reserve ", smem,
+              " bytes of shared memory for ", what, ": ", cudaGetErrorString(configured));
+  const dim3 grid(a.max_tiles, (a.num_mtiles + WARPS - 1) / WARPS, splits);
+  kernel<<<grid, WARPS * 32, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
+                                             static_cast<const uint32_t*>(a.meta), a.rowsel, a.sorted_pairs,
+                                             a.tile_expert, a.num_tiles, a.topk_weights, a.out, a.K, a.num_mtiles,
+                                             a.chunk_shift, a.topk, a.out_ld, a.num_pairs);
+  SAMOYEDS_CHECK_LAUNCH(what);
+}
 
 template <typename T, int G, int NT, bool SAMOYEDS>
 void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t stream, const char* what) {
-  const T* act = static_cast<const T*>(a.act);
-  const uint4* values = static_cast<const uint4*>(a.values);
-  const uint32_t* meta = static_cast<const uint32_t*>(a.meta);
   if (pipelined) {
-    constexpr auto kernel = moe_mma_sp_pipelined_kernel<T, G, NT, kPipeWarps, kPipeBlock, kPipeStages, SAMOYEDS>;
-    constexpr int smem = pipelined_smem_bytes<T, G, NT, kPipeWarps, kPipeBlock, kPipeStages>();
-    static const cudaError_t configured =  // once per instantiation, before any graph capture
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    TORCH_CHECK(configured == cudaSuccess, "samoyeds::moe_sparse_prepacked: cannot reserve ", smem,
-                " bytes of shared memory for ", what, ": ", cudaGetErrorString(configured));
-    const dim3 grid(a.max_tiles, (a.num_mtiles + kPipeWarps - 1) / kPipeWarps, splits);
-    kernel<<<grid, kPipeWarps * 32, smem, stream>>>(act, values, meta, a.rowsel, a.sorted_pairs, a.tile_expert,
-                                                   a.num_tiles, a.topk_weights, a.out, a.K, a.num_mtiles,
-                                                   a.chunk_shift, a.topk, a.out_ld, a.num_pairs);
+    using C = PipeConfig<SAMOYEDS>;
+    launch_pipelined<T, G, NT, C::kWarps, C::kBlock, C::kStages, SAMOYEDS>(a, splits, stream, what);
   } else {
     if constexpr (NT == 1) {
       moe_mma_sp_kernel<T, G, 1, kSplitKWarps, kSplitKBlock, SAMOYEDS>
           <<<dim3(a.max_tiles, a.num_mtiles), kSplitKWarps * 32, 0, stream>>>(
-              act, values, meta, a.rowsel, a.sorted_pairs, a.tile_expert, a.num_tiles, a.topk_weights, a.out,
-              a.K, a.num_mtiles, a.chunk_shift, a.topk, a.out_ld, a.num_pairs);
+              static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
+              static_cast<const uint32_t*>(a.meta), a.rowsel, a.sorted_pairs, a.tile_expert, a.num_tiles,
+              a.topk_weights, a.out, a.K, a.num_mtiles, a.chunk_shift, a.topk, a.out_ld, a.num_pairs);
     }
   }
   SAMOYEDS_CHECK_LAUNCH(what);
@@ -99,11 +125,12 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   // w2 K splits (pipelined kernel only): ~16 CTAs per SM in total, >= 32 k-blocks per split, at most 8.
   int splits = 1;
   if (pipelined2) {
-    const int total_blk = (inter / 32 + kPipeBlock - 1) / kPipeBlock;
-    const int ctas = max_tiles * ((mt2 + kPipeWarps - 1) / kPipeWarps);
+    constexpr int kb = PipeConfig<SAMOYEDS>::kBlock, warps = PipeConfig<SAMOYEDS>::kWarps;
+    const int total_blk = (inter / 32 + kb - 1) / kb;
+    const int ctas = max_tiles * ((mt2 + warps - 1) / warps);
     int sms = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device());
-    splits = std::max(1, std::min({8, total_blk / 32, (16 * sms + ctas - 1) / ctas}));
+    splits = std::max(1, std::min({8, total_blk * kb / 64, (16 * sms + ctas - 1) / ctas}));
   }
 
   at::Tensor pair_expert = at::empty({std::max(num_pairs, 1)}, i32);
@@ -154,20 +181,36 @@ void dispatch_tiles(double pairs_per_expert, const at::Tensor& x, const at::Tens
                     const at::Tensor& topk_ids, const at::Tensor& w13_values, const at::Tensor& w13_meta,
                     const at::Tensor* w13_rowsel, const at::Tensor& w2_values, const at::Tensor& w2_meta,
                     const at::Tensor* w2_rowsel, int chunk, const at::Tensor* expert_map, at::Tensor& out) {
-  const double likely_max = pairs_per_expert + 2.0 * std::sqrt(pairs_per_expert);
-  if (likely_max <= 8.0) {
-    launch_moe<T, 1, SAMOYEDS>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel, w2_values, w2_meta,
-                               w2_rowsel, chunk, expert_map, out);
-  } else if (likely_max <= 16.0) {
-    launch_moe<T, 2, SAMOYEDS>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel, w2_values, w2_meta,
-                               w2_rowsel, chunk, expert_map, out);
-  } else if (likely_max <= 64.0 || SAMOYEDS) {  // 1:2:V+2:4 at BN=64 would need 192 accumulators per thread
-    launch_moe<T, 4, SAMOYEDS>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel, w2_values, w2_meta,
-                               w2_rowsel, chunk, expert_map, out);
+  // BN = 8 (split-K decode kernel) while an expert almost surely gets <= 8 pairs (mean + 2 sd of a Poisson
+  // count). Wider tiles skip their empty n-tiles at run time, so a tile is sized for the busiest expert
+  // (mean + 3 sd): an expert that overflows a tile reads all of its weights again.
+  const double sd = std::sqrt(pairs_per_expert);
+  const double busiest = pairs_per_expert + 3.0 * sd;
+  auto run = [&](auto nt) {
+    launch_moe<T, decltype(nt)::value, SAMOYEDS>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
+                                                 w2_values, w2_meta, w2_rowsel, chunk, expert_map, out);
+  };
+  const int forced = forced_token_tile();
+  if (forced == 8 || forced == 16 || forced == 32 || forced == 64) {
+    if (forced == 8) run(std::integral_constant<int, 1>{});
+    if (forced == 16) run(std::integral_constant<int, 2>{});
+    if (forced == 32) run(std::integral_constant<int, 4>{});
+    if (forced == 64) {
+      if constexpr (!SAMOYEDS) run(std::integral_constant<int, 8>{});
+      if constexpr (SAMOYEDS) run(std::integral_constant<int, 4>{});
+    }
+  } else if (pairs_per_expert + 2.0 * sd <= 8.0) {
+    run(std::integral_constant<int, 1>{});
+  } else if (busiest <= 16.0) {
+    run(std::integral_constant<int, 2>{});
+  } else if (busiest <= 32.0) {
+    run(std::integral_constant<int, 4>{});
+  } else if constexpr (SAMOYEDS) {
+    // 64-token tiles with two accumulator banks need ~240 registers (one 4-warp CTA pair per SM) and ran
+    // 10-15% slower than 32-token tiles that let the busiest experts overflow (Mixtral, 128 tokens, H200).
+    run(std::integral_constant<int, 4>{});
   } else {
-    if constexpr (!SAMOYEDS)
-      launch_moe<T, 8, SAMOYEDS>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel, w2_values, w2_meta,
-                                 w2_rowsel, chunk, expert_map, out);
+    run(std::integral_constant<int, 8>{});
   }
 }
 

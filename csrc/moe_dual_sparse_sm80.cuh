@@ -18,7 +18,8 @@
 //      (deterministic: no atomics).
 // Steps 2 and 3 each run one of two kernels (the launcher picks per GEMM, see moe_dual_sparse.cu):
 //   moe_mma_sp_kernel           BN = 8 and K >= 2048: split-K over the CTA's 8 warps (decode).
-//   moe_mma_sp_pipelined_kernel otherwise: one m-tile per warp, tokens and weights through a cp.async ring.
+//   moe_mma_sp_pipelined_kernel otherwise: one m-tile per warp, tokens and weights through a cp.async ring,
+//                               token fragments by ldmatrix, n-tiles without tokens skipped at run time.
 //
 // Operands of one mma.sp.m16n8k32 (A = weights, output features on M; B = tokens on N; K = reduction):
 //   A (global, kernel layout, see samoyeds_vllm/ops/kernel_layout.py): per (expert, m-tile, group, k-step)
@@ -28,8 +29,9 @@
 //   B (activations, gathered by token index): b_i = x[token of column g][32s + 2t + 8i, +1], i = 0..3.
 //   C/D: c0, c1 = (row g, tokens 2t, 2t+1), c2, c3 = (row g+8, same tokens); fp32.
 // For 1:2:V+2:4 an A row is a stored row p holding, per chunk of V inputs, the segment of output row
-// 2p + rowsel[p, chunk]. A chunk's products accumulate in a work bank, which is added to the even-row or
-// odd-row accumulator bank by the chunk's rowsel bit (a select, exact) once per chunk; the row-pair
+// 2p + rowsel[p, chunk]. Each thread keeps an even-row and an odd-row accumulator bank; the MMAs always
+// accumulate into bank 0, and at each chunk start the two banks are swapped (two selects per accumulator,
+// exact) where the chunk's rowsel bit differs from the row bank 0 holds (select_banks). The row-pair
 // resolution never leaves registers.
 //
 // Work split of one split-K CTA (WARPS warps, reduced through shared memory in a fixed order):
@@ -193,79 +195,94 @@ __device__ __forceinline__ void load_weight_block(WeightBlock<KB, G>& w, const u
   }
 }
 
-// One k-step of one warp: for every group (gate/up or the single w2 group) and n-tile, acc += A * B.
-// For 1:2:V+2:4 the products accumulate in a work bank for the whole chunk of V inputs (they all belong to
-// the same output row of each pair); at the chunk's end (or the end of this warp's contiguous run of
-// k-steps, if a split cuts the chunk) the work bank is added to the even or odd output row, chosen by the
-// chunk's rowsel bit — a select, so the routing is exact and NaN-safe — and cleared. Routing once per chunk
-// instead of once per k-step cuts the non-tensor-core instructions by V/32.
-template <typename T, int G, int NT, bool SAMOYEDS>
-__device__ __forceinline__ void accumulate_kstep(float (&acc)[SAMOYEDS ? 2 : 1][G][NT][4], float (&work)[G][NT][4],
-                                                 const uint4 (&a)[G], const uint32_t (&meta)[G],
-                                                 const uint32_t (&b)[NT][4], const uint8_t* const (&rs)[G][2],
-                                                 int chunk, bool route) {
+// 1:2:V+2:4 row-pair resolution ("bank swap"). A stored row p holds, per chunk of V inputs, a segment of
+// output row 2p or 2p + 1 (its rowsel bit). Each thread keeps two accumulator banks per (group, n-tile,
+// row half): bank 0 is the one the MMAs accumulate into, bank 1 the other output row of the pair, and
+// state[gr][h] records which output row bank 0 currently holds (0 = even, 1 = odd). Before the first k-step
+// of every chunk (and of every contiguous run of k-steps a warp owns) the banks are swapped where the chunk's
+// bit differs from the state: two selects per accumulator per chunk, exact (no arithmetic on the values),
+// so the row-pair selection costs ~1 instruction per accumulator and chunk and never leaves registers.
+template <int G, int NT>
+__device__ __forceinline__ void select_banks(float (&acc)[2][G][NT][4], bool (&state)[G][2],
+                                             const bool (&want)[G][2]) {
 #pragma unroll
   for (int gr = 0; gr < G; ++gr) {
-    if constexpr (SAMOYEDS) {
-      if (!route) {
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma_sp_16832<T>(work[gr][nt], a[gr], b[nt], work[gr][nt], meta[gr]);
-      } else {
-        // Last k-step of the chunk: the product goes to a temporary, so clearing the work bank does not
-        // wait for the routing (the next chunk's MMAs start from the constant zero).
-        const bool odd0 = rs[gr][0][chunk] != 0, odd1 = rs[gr][1][chunk] != 0;
+    for (int h = 0; h < 2; ++h) {
+      const bool flip = want[gr][h] != state[gr][h];
+      state[gr][h] = want[gr][h];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          float d[4];
-          mma_sp_16832<T>(d, a[gr], b[nt], work[gr][nt], meta[gr]);
-          work[gr][nt][0] = work[gr][nt][1] = work[gr][nt][2] = work[gr][nt][3] = 0.f;
-          // rows g (regs 0, 1) and g + 8 (regs 2, 3)
-          acc[0][gr][nt][0] += odd0 ? 0.f : d[0];
-          acc[0][gr][nt][1] += odd0 ? 0.f : d[1];
-          acc[1][gr][nt][0] += odd0 ? d[0] : 0.f;
-          acc[1][gr][nt][1] += odd0 ? d[1] : 0.f;
-          acc[0][gr][nt][2] += odd1 ? 0.f : d[2];
-          acc[0][gr][nt][3] += odd1 ? 0.f : d[3];
-          acc[1][gr][nt][2] += odd1 ? d[2] : 0.f;
-          acc[1][gr][nt][3] += odd1 ? d[3] : 0.f;
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int r = 2 * h; r < 2 * h + 2; ++r) {  // rows g (regs 0, 1) and g + 8 (regs 2, 3)
+          const float cur = acc[0][gr][nt][r], other = acc[1][gr][nt][r];
+          acc[0][gr][nt][r] = flip ? other : cur;
+          acc[1][gr][nt][r] = flip ? cur : other;
         }
       }
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) mma_sp_16832<T>(acc[0][gr][nt], a[gr], b[nt], acc[0][gr][nt], meta[gr]);
     }
   }
 }
 
-// Epilogue of one warp's m-tile. Output feature of stored row (g + 8h) of m-tile mt, bank b:
-//   2:4: o = mt*16 + g + 8h;  1:2:V+2:4: o = 2 * (mt*16 + g + 8h) + b.
+// One k-step of one warp: acc[0][gr][nt] += A[gr] * B[nt] for every group and the first nt_active n-tiles
+// (nt_active is uniform across the warp; n-tiles beyond it hold only padding rows).
+template <typename T, int G, int NT, int BANKS>
+__device__ __forceinline__ void mma_kstep(float (&acc)[BANKS][G][NT][4], const uint4 (&a)[G],
+                                          const uint32_t (&meta)[G], const uint32_t (&b)[NT][4],
+                                          int nt_active) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    if (nt < nt_active) {
+#pragma unroll
+      for (int gr = 0; gr < G; ++gr) mma_sp_16832<T>(acc[0][gr][nt], a[gr], b[nt], acc[0][gr][nt], meta[gr]);
+    }
+  }
+}
+
+// Epilogue of one warp's m-tile. Output feature of stored row (g + 8h) of m-tile mt:
+//   2:4: o = mt*16 + g + 8h (bank 0);  1:2:V+2:4: even row o = 2 * (mt*16 + g + 8h) and odd row o + 1, held
+//   by bank state[gr][h] ^ 1 and bank state[gr][h] respectively (see select_banks).
 //   G = 2: out = intermediate row (tile row), value silu(gate) * up.
 //   G = 1: out = fp32 slot_out row of the (token, slot) pair, value acc * routing weight; padding rows skipped.
+// Only the first nt_active n-tiles are written: later intermediate rows are padding, never read by w2.
 template <typename T, int G, int NT, bool SAMOYEDS>
-__device__ __forceinline__ void store_epilogue(const float (&acc)[SAMOYEDS ? 2 : 1][G][NT][4], int tile, int mt,
-                                               int g, int t, const int32_t* __restrict__ sorted_pairs,
+__device__ __forceinline__ void store_epilogue(const float (&acc)[SAMOYEDS ? 2 : 1][G][NT][4],
+                                               const bool (&state)[G][2], int nt_active, int tile, int mt, int g,
+                                               int t, const int32_t* __restrict__ sorted_pairs,
                                                const float* __restrict__ topk_weights, void* __restrict__ out,
                                                int out_ld) {
   constexpr int BN = NT * 8;
-  constexpr int BANKS = SAMOYEDS ? 2 : 1;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
+    if (nt >= nt_active) break;
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int col = tile * BN + nt * 8 + 2 * t + (r & 1);
       const int stored = mt * 16 + g + 8 * (r >> 1);
+      // value of group gr for output row parity b
+      auto value = [&](int gr, int b) -> float {
+        if constexpr (SAMOYEDS) {
+          const float bank0 = acc[0][gr][nt][r], bank1 = acc[1][gr][nt][r];
+          return (state[gr][r >> 1] == (b != 0)) ? bank0 : bank1;
+        } else {
+          return acc[0][gr][nt][r];
+        }
+      };
       if constexpr (G == 2) {
         T* dst = static_cast<T*>(out) + static_cast<long long>(col) * out_ld;
 #pragma unroll
-        for (int b = 0; b < BANKS; ++b)
-          dst[SAMOYEDS ? 2 * stored + b : stored] = MmaTraits<T>::from_float(silu(acc[b][0][nt][r]) * acc[b][1][nt][r]);
+        for (int b = 0; b < (SAMOYEDS ? 2 : 1); ++b)
+          dst[SAMOYEDS ? 2 * stored + b : stored] = MmaTraits<T>::from_float(silu(value(0, b)) * value(1, b));
       } else {
         const int pair = sorted_pairs[col];
         if (pair < 0) continue;
         const float w = topk_weights[pair];
         float* dst = static_cast<float*>(out) + static_cast<long long>(pair) * out_ld;
-#pragma unroll
-        for (int b = 0; b < BANKS; ++b) dst[SAMOYEDS ? 2 * stored + b : stored] = acc[b][0][nt][r] * w;
+        if constexpr (SAMOYEDS) {
+          *reinterpret_cast<float2*>(dst + 2 * stored) = make_float2(value(0, 0) * w, value(0, 1) * w);
+        } else {
+          dst[stored] = value(0, 0) * w;
+        }
       }
     }
   }
@@ -323,7 +340,7 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[b][gr][nt][r] = 0.f;
-  float work[G][NT][4] = {};  // 1:2:V+2:4: products of the current chunk (see accumulate_kstep)
+  bool state[G][2] = {};  // 1:2:V+2:4: output row parity bank 0 holds (see select_banks)
 
   const long long tile_base = (static_cast<long long>(expert) * num_mtiles + mt) * G;  // (e, mt, grp=0)
   const uint4* a_base = kvalues + tile_base * S * 32 + lane;
@@ -340,9 +357,10 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
                                    mt * 16 + g + 8 * h) * chunks;
   }
 
-  // Blocks of this warp: warp, warp + WARPS, ...
+  // Blocks of this warp: warp, warp + WARPS, ...; a block is a contiguous run of KB k-steps.
   auto consume = [&](const WeightBlock<KB, G>& w, int blk) {
     uint32_t bfrag[KB][NT][4];
+    bool want[KB][G][2] = {};
 #pragma unroll
     for (int kk = 0; kk < KB; ++kk) {
       const int s = blk * KB + kk;
@@ -353,15 +371,22 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
           for (int i = 0; i < 4; ++i)
             bfrag[kk][nt][i] =
                 brow[nt] ? __ldg(reinterpret_cast<const uint32_t*>(brow[nt] + s * 32 + 8 * i)) : 0u;
+        if constexpr (SAMOYEDS) {
+#pragma unroll
+          for (int gr = 0; gr < G; ++gr)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) want[kk][gr][h] = __ldg(rs_base[gr][h] + (s >> chunk_shift)) != 0;
+        }
       }
     }
 #pragma unroll
     for (int kk = 0; kk < KB; ++kk) {
       const int s = blk * KB + kk;
       if (s >= S) break;
-      const bool route = ((s + 1) & ((1 << chunk_shift) - 1)) == 0 || kk == KB - 1 || s + 1 == S;  // chunk/run ends
-      accumulate_kstep<T, G, NT, SAMOYEDS>(acc, work, w.a[kk], w.meta[kk], bfrag[kk], rs_base,
-                                           SAMOYEDS ? s >> chunk_shift : 0, route);
+      if constexpr (SAMOYEDS) {
+        if (kk == 0 || (s & ((1 << chunk_shift) - 1)) == 0) select_banks<G, NT>(acc, state, want[kk]);
+      }
+      mma_kstep<T, G, NT, BANKS>(acc, w.a[kk], w.meta[kk], bfrag[kk], NT);
     }
   };
   // Measured on H200: double-buffering the weights here raised registers to 171 (one CTA per SM) and ran
@@ -371,6 +396,10 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
     WeightBlock<KB, G> w;
     load_weight_block<KB, G>(w, a_base, m_base, blk, S);
     consume(w, blk);
+  }
+  if constexpr (SAMOYEDS) {  // every warp brings bank 0 to even rows, so the banks add up element-wise
+    const bool even[G][2] = {};
+    select_banks<G, NT>(acc, state, even);
   }
 
   // Split-K reduction across the CTA's warps (fixed order: deterministic).
@@ -388,7 +417,7 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
       for (int i = 0; i < NACC; ++i) flat[i] += red[w][i][lane];
   }
 
-  store_epilogue<T, G, NT, SAMOYEDS>(acc, tile, mt, g, t, sorted_pairs, topk_weights, out, out_ld);
+  store_epilogue<T, G, NT, SAMOYEDS>(acc, state, NT, tile, mt, g, t, sorted_pairs, topk_weights, out, out_ld);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -416,6 +445,15 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+// Four 8x8 b16 matrices from shared memory; lane l supplies the address of row l % 8 of matrix l / 8 and
+// receives, in register i, elements (row l / 4, cols 2(l % 4), +1) of matrix i: for rows = tokens and
+// matrix i = k offset 8i that is exactly the B fragment b_i of mma.m16n8k32.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
 }
 
 // Bytes of dynamic shared memory moe_mma_sp_pipelined_kernel needs.
@@ -456,30 +494,58 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   const int blk_begin = static_cast<int>(static_cast<long long>(total_blk) * blockIdx.z / gridDim.z);
   const int blk_end = static_cast<int>(static_cast<long long>(total_blk) * (blockIdx.z + 1) / gridDim.z);
   const int nblk = blk_end - blk_begin;
+  bool valid = false;
   if (threadIdx.x < BN) {
     const int r = tile * BN + threadIdx.x;
     const int pair = sorted_pairs[r];
     const long long src = (G == 2) ? static_cast<long long>(pair / topk) : static_cast<long long>(r);
-    rows[threadIdx.x] = pair >= 0 ? act + src * K : nullptr;
+    valid = pair >= 0;
+    rows[threadIdx.x] = valid ? act + src * K : nullptr;
   }
-  __syncthreads();
+  // A tile's pairs fill its first rows (moe_prepare_kernel), so only the first nt_active n-tiles hold tokens:
+  // the rest are neither loaded nor multiplied (a tile sized for the busiest expert costs the others nothing).
+  const int nt_active = (__syncthreads_count(valid) + 7) >> 3;
+  const int load_rows = nt_active * 8;
 
   const long long tile_base = (static_cast<long long>(expert) * num_mtiles + (active ? mt : 0)) * G;
   const uint4* a_src = kvalues + tile_base * S * 32 + lane;
   // lanes 0..15 fetch the 16 metadata words (entry 2g' + h); every lane reads entry 2g + (t & 1)
   const uint32_t* m_src = kmeta + tile_base * S * 16 + (lane & 15);
 
-  auto load_stage = [&](int local) {  // local k-block index within this split
-    const int st = local % STAGES;
+  // Token rows this thread copies each stage (fixed for the whole K loop): chunk c = threadIdx.x + i * threads
+  // is 16 bytes of row c / CHUNKS_PER_ROW. Padding rows of active n-tiles are not loaded: an MMA column
+  // depends only on its own B column, so whatever a padding column holds reaches only padding outputs,
+  // which no epilogue stores.
+  constexpr int THREADS = WARPS * 32;
+  constexpr int TOKEN_COPIES = (BN * CHUNKS_PER_ROW + THREADS - 1) / THREADS;
+  constexpr unsigned STAGE_TOKEN_BYTES = BN * LD * sizeof(T);
+  const T* tok_src[TOKEN_COPIES];
+  unsigned tok_dst[TOKEN_COPIES];
+  int tok_col[TOKEN_COPIES];
+#pragma unroll
+  for (int i = 0; i < TOKEN_COPIES; ++i) {
+    const int c = threadIdx.x + i * THREADS;
+    const int row = c / CHUNKS_PER_ROW, col = (c % CHUNKS_PER_ROW) * 8;
+    const bool load = c < load_rows * CHUNKS_PER_ROW && rows[row] != nullptr;
+    tok_src[i] = load ? rows[row] + col : nullptr;
+    tok_col[i] = col;
+    tok_dst[i] = static_cast<unsigned>(__cvta_generic_to_shared(&bs[0][load ? row : 0][col]));
+  }
+  const uint4* a_grp[G];
+  const uint32_t* m_grp[G];
+#pragma unroll
+  for (int gr = 0; gr < G; ++gr) {
+    a_grp[gr] = a_src + static_cast<long long>(gr) * S * 32;
+    m_grp[gr] = m_src + static_cast<long long>(gr) * S * 16;
+  }
+
+  auto load_stage = [&](int local, int st) {  // local k-block index within this split, ring slot st
     const int blk = blk_begin + local;
-    for (int c = threadIdx.x; c < BN * CHUNKS_PER_ROW; c += WARPS * 32) {
-      const int row = c / CHUNKS_PER_ROW, col = (c % CHUNKS_PER_ROW) * 8;
-      const int k = blk * KBLK + col;
-      T* dst = &bs[st][row][col];
-      if (rows[row] != nullptr && k < K) {
-        cp_async_16(dst, rows[row] + k);
-      } else {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int i = 0; i < TOKEN_COPIES; ++i) {
+      if (tok_src[i] != nullptr && blk * KBLK + tok_col[i] < K) {
+        const unsigned dst = tok_dst[i] + st * STAGE_TOKEN_BYTES;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(tok_src[i] + blk * KBLK));
       }
     }
     if (active) {
@@ -489,8 +555,8 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
         if (s < S) {
 #pragma unroll
           for (int gr = 0; gr < G; ++gr) {
-            cp_async_16(&as[st][warp][kk][gr][lane], a_src + (static_cast<long long>(gr) * S + s) * 32);
-            if (lane < 16) cp_async_4(&ms[st][warp][kk][gr][lane], m_src + (static_cast<long long>(gr) * S + s) * 16);
+            cp_async_16(&as[st][warp][kk][gr][lane], a_grp[gr] + s * 32);
+            if (lane < 16) cp_async_4(&ms[st][warp][kk][gr][lane], m_grp[gr] + s * 16);
           }
         }
       }
@@ -502,42 +568,67 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   float* flat = &acc[0][0][0][0];
 #pragma unroll
   for (int i = 0; i < (SAMOYEDS ? 2 : 1) * G * NT * 4; ++i) flat[i] = 0.f;
-  float work[G][NT][4] = {};  // 1:2:V+2:4: products of the current chunk (see accumulate_kstep)
-  const int run_end = min(blk_end * KB, S);  // this split's k-steps are [blk_begin*KB, run_end)
+  bool state[G][2] = {};  // 1:2:V+2:4: output row parity bank 0 holds (see select_banks)
+  const int run_begin = blk_begin * KB;  // this split's k-steps are [run_begin, run_end)
+  const int run_end = min(blk_end * KB, S);
   const int rows_per_group = num_mtiles * 16;
   const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
   const uint8_t* rs_base[G][2] = {};
+  // Row selection of the next chunk, loaded one chunk ahead so its latency hides behind a chunk of MMAs.
+  uint8_t rs_next[G][2] = {};
   if constexpr (SAMOYEDS) {
 #pragma unroll
     for (int gr = 0; gr < G; ++gr)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+      for (int h = 0; h < 2; ++h) {
         rs_base[gr][h] = rowsel + (static_cast<long long>(expert) * G * rows_per_group + gr * rows_per_group +
                                    (active ? mt : 0) * 16 + g + 8 * h) * chunks;
+        if (run_begin < run_end) rs_next[gr][h] = __ldg(rs_base[gr][h] + (run_begin >> chunk_shift));
+      }
   }
+  // ldmatrix.x4 source of this lane: matrix i = lane / 8 (k offset 8i), row lane % 8 (token) of an n-tile.
+  const int lm_row = lane & 7, lm_col = 8 * (lane >> 3);
 
 #pragma unroll
   for (int p = 0; p < STAGES - 1; ++p) {
     if (p < nblk) {
-      load_stage(p);
+      load_stage(p, p);
     } else {
       cp_async_commit();  // empty groups keep the wait count uniform
     }
   }
+  int st = 0, st_load = STAGES - 1;  // ring slots of the block computed and of the block loaded next
   for (int blk = 0; blk < nblk; ++blk) {
     cp_async_wait<STAGES - 2>();  // block blk has landed (this thread's copies)
     __syncthreads();              // ... everyone's; and slot (blk - 1) % STAGES is free again
     if (blk + STAGES - 1 < nblk) {
-      load_stage(blk + STAGES - 1);
+      load_stage(blk + STAGES - 1, st_load);
     } else {
       cp_async_commit();
     }
+    st_load = st_load + 1 == STAGES ? 0 : st_load + 1;
     if (active) {
-      const int st = blk % STAGES;
 #pragma unroll
       for (int kk = 0; kk < KB; ++kk) {
         const int s = (blk_begin + blk) * KB + kk;
         if (s >= S) break;
+        if constexpr (SAMOYEDS) {
+          if (s == run_begin || (s & ((1 << chunk_shift) - 1)) == 0) {
+            bool want[G][2];
+#pragma unroll
+            for (int gr = 0; gr < G; ++gr)
+#pragma unroll
+              for (int h = 0; h < 2; ++h) want[gr][h] = rs_next[gr][h] != 0;
+            select_banks<G, NT>(acc, state, want);
+            const int next = (s >> chunk_shift) + 1;
+            if ((next << chunk_shift) < run_end) {
+#pragma unroll
+              for (int gr = 0; gr < G; ++gr)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) rs_next[gr][h] = __ldg(rs_base[gr][h] + next);
+            }
+          }
+        }
         uint4 a[G];
         uint32_t meta[G];
 #pragma unroll
@@ -545,22 +636,25 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
           a[gr] = as[st][warp][kk][gr][lane];
           meta[gr] = ms[st][warp][kk][gr][2 * g + (t & 1)];
         }
-        uint32_t bfrag[NT][4];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+        for (int nt = 0; nt < NT; ++nt) {
+          if (nt < nt_active) {  // B fragment loaded right before its MMAs: 4 live registers, not 4 * NT
+            uint32_t b[4];
+            ldmatrix_x4(b, &bs[st][nt * 8 + lm_row][kk * 32 + lm_col]);
 #pragma unroll
-          for (int i = 0; i < 4; ++i)
-            bfrag[nt][i] = *reinterpret_cast<const uint32_t*>(&bs[st][nt * 8 + g][kk * 32 + 2 * t + 8 * i]);
-        const bool route = ((s + 1) & ((1 << chunk_shift) - 1)) == 0 || s + 1 == run_end;  // chunk/split ends
-        accumulate_kstep<T, G, NT, SAMOYEDS>(acc, work, a, meta, bfrag, rs_base, SAMOYEDS ? s >> chunk_shift : 0,
-                                             route);
+            for (int gr = 0; gr < G; ++gr) mma_sp_16832<T>(acc[0][gr][nt], a[gr], b, acc[0][gr][nt], meta[gr]);
+          }
+        }
       }
     }
+    st = st + 1 == STAGES ? 0 : st + 1;
   }
   cp_async_wait<0>();
   void* dst = (G == 1) ? static_cast<void*>(static_cast<float*>(out) + static_cast<long long>(blockIdx.z) * num_pairs * out_ld)
                        : out;
-  if (active) store_epilogue<T, G, NT, SAMOYEDS>(acc, tile, mt, g, t, sorted_pairs, topk_weights, dst, out_ld);
+  if (active)
+    store_epilogue<T, G, NT, SAMOYEDS>(acc, state, nt_active, tile, mt, g, t, sorted_pairs, topk_weights, dst,
+                                       out_ld);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ import os
 
 __all__ = ["build_dir", "cuda_kernels_disabled", "verbose_build"]
 
+# Read by the CUDA launcher itself (csrc/moe_dual_sparse.cu), once per process, for tuning runs:
+#   SAMOYEDS_TOKEN_TILE=8|16|32|64  force the token tile BN instead of the tokens-per-expert rule
+#                                   (1:2:V+2:4 caps it at 32)
+
 
 def cuda_kernels_disabled() -> bool:
     """``SAMOYEDS_DISABLE_CUDA_KERNELS=1``: never build or load the CUDA kernels; GPUs run the exact reference."""

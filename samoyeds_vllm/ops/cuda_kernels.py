@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -46,13 +47,16 @@ def load_cuda_kernels() -> bool:
         return False
     arch = f"{major}{minor}a" if major >= 9 else f"{major}{minor}"
     flags = ["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "--use_fast_math", "-lineinfo"]
+    build_directory = envs.build_dir()
     try:
+        if build_directory is not None:  # torch's loader expects the directory to exist
+            os.makedirs(build_directory, exist_ok=True)
         cpp_extension.load(
             name=f"samoyeds_cuda_sm{arch}",
             sources=[str(CSRC_DIR / s) for s in _SOURCES],
             extra_cuda_cflags=flags,
             extra_cflags=["-O3"],
-            build_directory=envs.build_dir(),
+            build_directory=build_directory,
             is_python_module=False,
             verbose=envs.verbose_build(),
         )
