@@ -1,6 +1,7 @@
 """MoE-layer time of the samoyeds kernels vs dense baselines, side by side in one process (BENCHMARKING.md).
 
-For every (shape, tokens) the same inputs and routing feed every variant: our kernel for each sparse pattern,
+For every (shape, tokens) the same inputs and routing feed every variant: our kernel for each sparse pattern
+and, as the fusion control, on the dense weights themselves (pattern ``dense``),
 vLLM's dense ``fused_experts`` (when vLLM is importable), and a dense grouped GEMM via ``torch._grouped_mm``.
 Each variant is captured in a CUDA graph and timed by replaying it (median of CUDA-event timings); weights
 are rotated over several copies when they would otherwise sit in L2. Bytes moved count each weight byte of
@@ -40,6 +41,8 @@ SHAPES = {
     "deepseek_v2_lite": (64, 6, 2048, 1408),
     "qwen15_moe": (60, 4, 2048, 1408),
 }
+#: pattern name of the fusion control: our kernels on the dense weights
+DENSE_CONTROL = "dense"
 L2_ROTATION_BYTES = 512 << 20  # rotate weight copies until this many bytes are cycled (L2 is 50-60 MB)
 
 
@@ -141,6 +144,10 @@ def _ours_call(x, weights, ids, weight_sets, i):
     return ops.moe_forward(x, weights, ids, weight_sets[i])
 
 
+def _dense_control_call(x, weights, ids, weight_sets, i):
+    return ops.moe_dense_control(x, weights, ids, weight_sets[i])
+
+
 def _vllm_fused_experts():
     try:
         from vllm.model_executor.layers.fused_moe import fused_experts
@@ -169,7 +176,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["mixtral_8x7b", "qwen3_30b_a3b"], choices=sorted(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 32, 64, 128, 512, 2048, 8192])
-    parser.add_argument("--patterns", nargs="+", default=["2:4", "1:2:128+2:4", "1:2:32+2:4"])
+    parser.add_argument(
+        "--patterns",
+        nargs="+",
+        default=["2:4", "1:2:128+2:4", "1:2:32+2:4", DENSE_CONTROL],
+        help=f"sparse patterns of our kernels; '{DENSE_CONTROL}' runs them on the dense weights (fusion control)",
+    )
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--repeats", type=int, default=50, help="timed replays per variant (median reported)")
     parser.add_argument("--no-graph-above", type=int, default=4096, help="time eagerly above this many tokens")
@@ -206,6 +218,10 @@ def main() -> None:
         ]
         prepared = {}
         for spec in args.patterns:
+            if spec == DENSE_CONTROL:  # our kernels on the dense weights (fusion control)
+                sets = [ops.prepare_dense_control(w13, w2) for w13, w2 in zip(dense13, dense2, strict=True)]
+                prepared[spec] = (sets, 3 * hidden * inter * dtype.itemsize)
+                continue
             pattern = parse_pattern(spec)
             prepared[spec] = []
             for w13, w2 in zip(dense13, dense2, strict=True):
@@ -234,7 +250,8 @@ def main() -> None:
             dense_active_bytes = active * 3 * hidden * inter * 2 + act_bytes
             flops = 2 * n_tokens * topk * 3 * hidden * inter
             for spec, (weight_sets, bytes_per_expert) in prepared.items():
-                fn = partial(_ours_call, x, weights, ids, weight_sets)
+                call = _dense_control_call if spec == DENSE_CONTROL else _ours_call
+                fn = partial(call, x, weights, ids, weight_sets)
                 ours = _median_us(_rotating(fn, copies), args.repeats, use_graph)
                 moved = active * bytes_per_expert + act_bytes
                 pct_bw = 100 * moved / (ours * 1e-6) / (copy_bw * 1e9)

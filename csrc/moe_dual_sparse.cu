@@ -63,17 +63,19 @@ int forced_token_tile() {
 //              byte of 4 warps), 16 warps per SM; 10-20% faster than 4 warps at 32-128 tokens on Mixtral.
 //   1:2:V+2:4  4 warps x KB 4 x 3 stages: twice the accumulators of 2:4 (two banks) leave room for fewer
 //              warps only; longer stages halve the per-stage overhead. 5-10% faster than 4x2x5 at 32-64.
-template <bool SAMOYEDS>
+//   dense      (fusion control, moe_dense_prepacked) 4 warps x KB 2 x 4 stages: twice the weight bytes per
+//              stage of 2:4; not tuned beyond fitting two CTAs per SM.
+template <bool SAMOYEDS, bool DENSE = false>
 struct PipeConfig {
-  static constexpr int kWarps = SAMOYEDS ? 4 : 8;
+  static constexpr int kWarps = (SAMOYEDS || DENSE) ? 4 : 8;
   static constexpr int kBlock = SAMOYEDS ? 4 : 2;
   static constexpr int kStages = SAMOYEDS ? 3 : 4;
 };
 
-template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS>
+template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS, bool DENSE>
 void launch_pipelined(const GemmArgs& a, int splits, cudaStream_t stream, const char* what) {
-  constexpr auto kernel = moe_mma_sp_pipelined_kernel<T, G, NT, WARPS, KB, STAGES, SAMOYEDS>;
-  constexpr int smem = pipelined_smem_bytes<T, G, NT, WARPS, KB, STAGES>();
+  constexpr auto kernel = moe_mma_sp_pipelined_kernel<T, G, NT, WARPS, KB, STAGES, SAMOYEDS, DENSE>;
+  constexpr int smem = pipelined_smem_bytes<T, G, NT, WARPS, KB, STAGES, DENSE>();
   static const cudaError_t configured =  // once per instantiation, before any graph capture
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   TORCH_CHECK(configured == cudaSuccess, "samoyeds::moe_sparse_prepacked: cannot reserve ", smem,
@@ -86,13 +88,13 @@ void launch_pipelined(const GemmArgs& a, int splits, cudaStream_t stream, const 
   SAMOYEDS_CHECK_LAUNCH(what);
 }
 
-template <typename T, int G, int NT, bool SAMOYEDS>
+template <typename T, int G, int NT, bool SAMOYEDS, bool DENSE>
 void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t stream, const char* what) {
   if (pipelined) {
-    using C = PipeConfig<SAMOYEDS>;
-    launch_pipelined<T, G, NT, C::kWarps, C::kBlock, C::kStages, SAMOYEDS>(a, splits, stream, what);
+    using C = PipeConfig<SAMOYEDS, DENSE>;
+    launch_pipelined<T, G, NT, C::kWarps, C::kBlock, C::kStages, SAMOYEDS, DENSE>(a, splits, stream, what);
   } else {
-    if constexpr (NT == 1) {
+    if constexpr (NT == 1 && !DENSE) {
       moe_mma_sp_kernel<T, G, 1, kSplitKWarps, kSplitKBlock, SAMOYEDS>
           <<<dim3(a.max_tiles, a.num_mtiles), kSplitKWarps * 32, 0, stream>>>(
               static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
@@ -103,7 +105,9 @@ void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t str
   SAMOYEDS_CHECK_LAUNCH(what);
 }
 
-template <typename T, int NT, bool SAMOYEDS>
+// DENSE: the fusion control (moe_dense_prepacked): dense kernel-layout weights, no metadata (w13_meta and
+// w2_meta are not read), always the pipelined kernel.
+template <typename T, int NT, bool SAMOYEDS, bool DENSE>
 void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                 const at::Tensor& w13_values, const at::Tensor& w13_meta, const at::Tensor* w13_rowsel,
                 const at::Tensor& w2_values, const at::Tensor& w2_meta, const at::Tensor* w2_rowsel, int chunk,
@@ -120,12 +124,12 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   auto i32 = x.options().dtype(at::kInt);
 
-  const bool pipelined13 = NT > 1 || hidden / 32 < kSplitKMinSteps;
-  const bool pipelined2 = NT > 1 || inter / 32 < kSplitKMinSteps;
+  const bool pipelined13 = DENSE || NT > 1 || hidden / 32 < kSplitKMinSteps;
+  const bool pipelined2 = DENSE || NT > 1 || inter / 32 < kSplitKMinSteps;
   // w2 K splits (pipelined kernel only): ~16 CTAs per SM in total, >= 32 k-blocks per split, at most 8.
   int splits = 1;
   if (pipelined2) {
-    constexpr int kb = PipeConfig<SAMOYEDS>::kBlock, warps = PipeConfig<SAMOYEDS>::kWarps;
+    constexpr int kb = PipeConfig<SAMOYEDS, DENSE>::kBlock, warps = PipeConfig<SAMOYEDS, DENSE>::kWarps;
     const int total_blk = (inter / 32 + kb - 1) / kb;
     const int ctas = max_tiles * ((mt2 + warps - 1) / warps);
     int sms = 0;
@@ -157,16 +161,16 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   }
   SAMOYEDS_CHECK_LAUNCH("moe_prepare_kernel");
 
-  GemmArgs a13{x.data_ptr(), w13_values.data_ptr(), w13_meta.data_ptr(),
+  GemmArgs a13{x.data_ptr(), w13_values.data_ptr(), DENSE ? nullptr : w13_meta.data_ptr(),
                w13_rowsel ? w13_rowsel->data_ptr<uint8_t>() : nullptr, sorted_pairs.data_ptr<int32_t>(),
                tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), nullptr, intermediate.data_ptr(),
                hidden, mt13, chunk_shift, topk, inter, num_pairs, max_tiles};
-  launch_gemm<T, 2, NT, SAMOYEDS>(a13, pipelined13, 1, stream, "w13 GEMM + SwiGLU");
-  GemmArgs a2{intermediate.data_ptr(), w2_values.data_ptr(), w2_meta.data_ptr(),
+  launch_gemm<T, 2, NT, SAMOYEDS, DENSE>(a13, pipelined13, 1, stream, "w13 GEMM + SwiGLU");
+  GemmArgs a2{intermediate.data_ptr(), w2_values.data_ptr(), DENSE ? nullptr : w2_meta.data_ptr(),
               w2_rowsel ? w2_rowsel->data_ptr<uint8_t>() : nullptr, sorted_pairs.data_ptr<int32_t>(),
               tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), weights.data_ptr<float>(),
               slot_out.data_ptr(), inter, mt2, chunk_shift, topk, hidden, num_pairs, max_tiles};
-  launch_gemm<T, 1, NT, SAMOYEDS>(a2, pipelined2, splits, stream, "w2 GEMM + routing weight");
+  launch_gemm<T, 1, NT, SAMOYEDS, DENSE>(a2, pipelined2, splits, stream, "w2 GEMM + routing weight");
 
   const long long work = static_cast<long long>(num_tokens) * (hidden / 8);
   const int threads = 256;
@@ -176,7 +180,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   SAMOYEDS_CHECK_LAUNCH("moe_combine_kernel");
 }
 
-template <typename T, bool SAMOYEDS>
+template <typename T, bool SAMOYEDS, bool DENSE = false>
 void dispatch_tiles(double pairs_per_expert, const at::Tensor& x, const at::Tensor& topk_weights,
                     const at::Tensor& topk_ids, const at::Tensor& w13_values, const at::Tensor& w13_meta,
                     const at::Tensor* w13_rowsel, const at::Tensor& w2_values, const at::Tensor& w2_meta,
@@ -187,7 +191,7 @@ void dispatch_tiles(double pairs_per_expert, const at::Tensor& x, const at::Tens
   const double sd = std::sqrt(pairs_per_expert);
   const double busiest = pairs_per_expert + 3.0 * sd;
   auto run = [&](auto nt) {
-    launch_moe<T, decltype(nt)::value, SAMOYEDS>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
+    launch_moe<T, decltype(nt)::value, SAMOYEDS, DENSE>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
                                                  w2_values, w2_meta, w2_rowsel, chunk, expert_map, out);
   };
   const int forced = forced_token_tile();
@@ -268,7 +272,40 @@ at::Tensor moe_sparse_prepacked_cuda(const at::Tensor& x, const at::Tensor& topk
   return out;
 }
 
+// Fusion control: the same four launches on dense weights (samoyeds::moe_dense_prepacked), so benchmarks can
+// separate what sparsity buys from what the fused, gathered, routing-aware pipeline buys.
+at::Tensor moe_dense_prepacked_cuda(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                                    const at::Tensor& w13_values, const at::Tensor& w2_values,
+                                    const std::optional<at::Tensor>& expert_map) {
+  SAMOYEDS_CHECK_CUDA_TENSOR(x, "x");
+  TORCH_CHECK(topk_ids.is_cuda(), "samoyeds::moe_dense_prepacked: topk_ids must be a CUDA tensor");
+  SAMOYEDS_CHECK_CUDA_TENSOR(w13_values, "w13_values");
+  SAMOYEDS_CHECK_CUDA_TENSOR(w2_values, "w2_values");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "samoyeds::moe_dense_prepacked: the CUDA kernel takes bf16 or fp16 activations, got ", x.scalar_type());
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty_like(x);
+  if (x.size(0) == 0) return out;
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor ids = topk_ids.contiguous();
+  at::Tensor map;
+  if (expert_map) map = expert_map->to(at::kInt).contiguous();
+  const at::Tensor* map_ptr = expert_map ? &map : nullptr;
+  const double pairs_per_expert = static_cast<double>(x.size(0)) * topk_ids.size(1) / w13_values.size(0);
+  // The metadata arguments are not read on the dense path (see launch_moe).
+  if (x.scalar_type() == at::kBFloat16)
+    dispatch_tiles<__nv_bfloat16, false, true>(pairs_per_expert, xc, topk_weights, ids, w13_values, w13_values,
+                                               nullptr, w2_values, w2_values, nullptr, 0, map_ptr, out);
+  else
+    dispatch_tiles<__half, false, true>(pairs_per_expert, xc, topk_weights, ids, w13_values, w13_values, nullptr,
+                                        w2_values, w2_values, nullptr, 0, map_ptr, out);
+  return out;
+}
+
 }  // namespace
 }  // namespace samoyeds
 
-TORCH_LIBRARY_IMPL(samoyeds, CUDA, m) { m.impl("moe_sparse_prepacked", &samoyeds::moe_sparse_prepacked_cuda); }
+TORCH_LIBRARY_IMPL(samoyeds, CUDA, m) {
+  m.impl("moe_sparse_prepacked", &samoyeds::moe_sparse_prepacked_cuda);
+  m.impl("moe_dense_prepacked", &samoyeds::moe_dense_prepacked_cuda);
+}

@@ -96,6 +96,29 @@ __device__ __forceinline__ void mma_sp_16832<__half>(float (&d)[4], const uint4&
         "f"(c[1]), "f"(c[2]), "f"(c[3]), "r"(meta));
 }
 
+// d = A(16x16) * B(16x8) + c, dense: the fusion control (moe_dense_prepacked) runs the same pipeline with
+// dense weights, two of these per 32-wide k-step.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint4& a, uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint4& a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint4& a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+
 // Weights are read exactly once per token tile: stream them past L1 (no_allocate) so the gathered
 // activations, which every m-tile re-reads, keep L1 for themselves.
 __device__ __forceinline__ uint4 load_streaming(const uint4* ptr) {
@@ -457,12 +480,13 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
 }
 
 // Bytes of dynamic shared memory moe_mma_sp_pipelined_kernel needs.
-template <typename T, int G, int NT, int WARPS, int KB, int STAGES>
+template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool DENSE = false>
 constexpr int pipelined_smem_bytes() {
-  return STAGES * (WARPS * KB * G * (32 * 16 + 16 * 4) + NT * 8 * (32 * KB + 8) * static_cast<int>(sizeof(T)));
+  constexpr int per_lane_group_step = DENSE ? 32 * 32 : 32 * 16 + 16 * 4;  // values (+ metadata)
+  return STAGES * (WARPS * KB * G * per_lane_group_step + NT * 8 * (32 * KB + 8) * static_cast<int>(sizeof(T)));
 }
 
-template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS>
+template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS, bool DENSE = false>
 __global__ void __launch_bounds__(WARPS * 32)
 moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues,
                             const uint32_t* __restrict__ kmeta, const uint8_t* __restrict__ rowsel,
@@ -476,9 +500,12 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   constexpr int CHUNKS_PER_ROW = KBLK / 8;
   // Dynamic shared memory (pipelined_smem_bytes): the ring is larger than the 48 KB static limit.
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  auto& as = *reinterpret_cast<uint4 (*)[STAGES][WARPS][KB][G][32]>(smem_raw);
-  auto& ms = *reinterpret_cast<uint32_t (*)[STAGES][WARPS][KB][G][16]>(smem_raw + sizeof(uint4) * STAGES * WARPS * KB * G * 32);
-  auto& bs = *reinterpret_cast<T (*)[STAGES][BN][LD]>(smem_raw + (sizeof(uint4) * 32 + sizeof(uint32_t) * 16) *
+  // DENSE (fusion control): AV = 2 16-byte A vectors per lane and k-step (two m16n8k16 fragments), no metadata.
+  constexpr int AV = DENSE ? 2 : 1;
+  constexpr int META_WORDS = DENSE ? 0 : 16;
+  auto& as = *reinterpret_cast<uint4 (*)[STAGES][WARPS][KB][G][AV][32]>(smem_raw);
+  auto& ms = *reinterpret_cast<uint32_t (*)[STAGES][WARPS][KB][G][16]>(smem_raw + sizeof(uint4) * STAGES * WARPS * KB * G * 32 * AV);
+  auto& bs = *reinterpret_cast<T (*)[STAGES][BN][LD]>(smem_raw + (sizeof(uint4) * 32 * AV + sizeof(uint32_t) * META_WORDS) *
                                                                      STAGES * WARPS * KB * G);
   __shared__ const T* rows[BN];
   const int tile = blockIdx.x;
@@ -508,7 +535,7 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   const int load_rows = nt_active * 8;
 
   const long long tile_base = (static_cast<long long>(expert) * num_mtiles + (active ? mt : 0)) * G;
-  const uint4* a_src = kvalues + tile_base * S * 32 + lane;
+  const uint4* a_src = kvalues + (tile_base * S * 32 + lane) * AV;
   // lanes 0..15 fetch the 16 metadata words (entry 2g' + h); every lane reads entry 2g + (t & 1)
   const uint32_t* m_src = kmeta + tile_base * S * 16 + (lane & 15);
 
@@ -535,7 +562,7 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   const uint32_t* m_grp[G];
 #pragma unroll
   for (int gr = 0; gr < G; ++gr) {
-    a_grp[gr] = a_src + static_cast<long long>(gr) * S * 32;
+    a_grp[gr] = a_src + static_cast<long long>(gr) * S * 32 * AV;
     m_grp[gr] = m_src + static_cast<long long>(gr) * S * 16;
   }
 
@@ -555,8 +582,9 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
         if (s < S) {
 #pragma unroll
           for (int gr = 0; gr < G; ++gr) {
-            cp_async_16(&as[st][warp][kk][gr][lane], a_grp[gr] + s * 32);
-            if (lane < 16) cp_async_4(&ms[st][warp][kk][gr][lane], m_grp[gr] + s * 16);
+#pragma unroll
+            for (int v = 0; v < AV; ++v) cp_async_16(&as[st][warp][kk][gr][v][lane], a_grp[gr] + s * 32 * AV + v);
+            if (!DENSE && lane < 16) cp_async_4(&ms[st][warp][kk][gr][lane], m_grp[gr] + s * 16);
           }
         }
       }
@@ -629,12 +657,16 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
             }
           }
         }
-        uint4 a[G];
+        uint4 a[G], a_hi[G];
         uint32_t meta[G];
 #pragma unroll
         for (int gr = 0; gr < G; ++gr) {
-          a[gr] = as[st][warp][kk][gr][lane];
-          meta[gr] = ms[st][warp][kk][gr][2 * g + (t & 1)];
+          a[gr] = as[st][warp][kk][gr][0][lane];
+          if constexpr (DENSE) {
+            a_hi[gr] = as[st][warp][kk][gr][AV - 1][lane];
+          } else {
+            meta[gr] = ms[st][warp][kk][gr][2 * g + (t & 1)];
+          }
         }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
@@ -642,7 +674,14 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
             uint32_t b[4];
             ldmatrix_x4(b, &bs[st][nt * 8 + lm_row][kk * 32 + lm_col]);
 #pragma unroll
-            for (int gr = 0; gr < G; ++gr) mma_sp_16832<T>(acc[0][gr][nt], a[gr], b, acc[0][gr][nt], meta[gr]);
+            for (int gr = 0; gr < G; ++gr) {
+              if constexpr (DENSE) {  // k 0..15 of the step from b0, b1; k 16..31 from b2, b3
+                mma_16816<T>(acc[0][gr][nt], a[gr], b[0], b[1]);
+                mma_16816<T>(acc[0][gr][nt], a_hi[gr], b[2], b[3]);
+              } else {
+                mma_sp_16832<T>(acc[0][gr][nt], a[gr], b, acc[0][gr][nt], meta[gr]);
+              }
+            }
           }
         }
       }

@@ -10,9 +10,20 @@ import torch
 
 from ..formats import PackedWeight
 from . import library  # noqa: F401  (registers torch.ops.samoyeds)
+from .dense_control import DenseControlWeights, moe_dense_control, prepare_dense_control
 from .moe import MoEWeights, moe_forward, prepare_moe_weights
 
-__all__ = ["MoEWeights", "chunk_of", "linear_sparse", "moe_forward", "moe_sparse", "prepare_moe_weights"]
+__all__ = [
+    "DenseControlWeights",
+    "MoEWeights",
+    "chunk_of",
+    "linear_sparse",
+    "moe_dense_control",
+    "moe_forward",
+    "moe_sparse",
+    "prepare_dense_control",
+    "prepare_moe_weights",
+]
 
 
 def chunk_of(weight: PackedWeight) -> int:

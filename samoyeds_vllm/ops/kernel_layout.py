@@ -25,7 +25,13 @@ import torch
 
 from ..formats import PackedWeight
 
-__all__ = ["from_kernel_layout", "kernel_layout_supported", "to_kernel_layout"]
+__all__ = [
+    "from_dense_kernel_layout",
+    "from_kernel_layout",
+    "kernel_layout_supported",
+    "to_dense_kernel_layout",
+    "to_kernel_layout",
+]
 
 
 def kernel_layout_supported(weight: PackedWeight, groups: int) -> bool:
@@ -89,3 +95,35 @@ def from_kernel_layout(values: torch.Tensor, meta: torch.Tensor, pattern, rowsel
     m32 = m32.permute(0, 2, 1, 5, 4, 3).reshape(n_exp, groups * tiles * 16, steps)
     canon_meta = torch.stack([(m32 >> (8 * b)) & 0xFF for b in range(4)], dim=-1).to(torch.uint8)
     return PackedWeight(pattern, canon_values.contiguous(), canon_meta.reshape(n_exp, -1, steps * 4), rowsel)
+
+
+def to_dense_kernel_layout(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """Dense ``[E, R, K]`` experts in the register order of two ``mma.m16n8k16`` A fragments per k-step.
+
+    Used only by the fusion control (``samoyeds::moe_dense_prepacked``): the same kernels as the sparse
+    formats, on dense weights. Returns ``[E, R/(16G), G, K/32, 32, 16]``: lane ``l = 4g + t`` holds, for
+    half ``h`` of the k-step (inputs ``16h .. 16h+15``), ``a0..a3 = (row g | g+8) x (cols 2t, 2t+1 | 2t+8,
+    2t+9)`` of that half, two values each.
+
+    Raises
+    ------
+    ValueError
+        If ``R`` is not a multiple of ``16 * groups`` or ``K`` of 32.
+    """
+    if weight.dim() != 3 or weight.shape[1] % (16 * groups) or weight.shape[2] % 32:
+        raise ValueError(
+            f"dense kernel layout needs [E, R, K] with R % {16 * groups} == 0 and K % 32 == 0; "
+            f"got {tuple(weight.shape)}"
+        )
+    n_exp, rows, n_in = weight.shape
+    tiles, steps = rows // (16 * groups), n_in // 32
+    v = weight.reshape(n_exp, groups, tiles, 2, 8, steps, 2, 2, 4, 2)  # e grp mt qr g s h qc t pair
+    # -> e mt grp s g t h qc qr pair   (q = 2 * qc + qr)
+    return v.permute(0, 2, 1, 5, 4, 8, 6, 7, 3, 9).reshape(n_exp, tiles, groups, steps, 32, 16).contiguous()
+
+
+def from_dense_kernel_layout(values: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``to_dense_kernel_layout``: dense ``[E, R, K]``."""
+    n_exp, tiles, groups, steps = values.shape[:4]
+    v = values.reshape(n_exp, tiles, groups, steps, 8, 4, 2, 2, 2, 2)  # e mt grp s g t h qc qr pair
+    return v.permute(0, 2, 1, 8, 4, 3, 6, 7, 5, 9).reshape(n_exp, groups * tiles * 16, steps * 32).contiguous()

@@ -12,10 +12,10 @@ import torch
 
 from ..formats import VALUE_DTYPES
 from ..formats.pattern import SUPPORTED_CHUNKS
-from .kernel_layout import from_kernel_layout
-from .reference import linear_sparse_reference, moe_sparse_reference, pattern_of_chunk
+from .kernel_layout import from_dense_kernel_layout, from_kernel_layout
+from .reference import linear_sparse_reference, moe_dense_reference, moe_sparse_reference, pattern_of_chunk
 
-__all__ = ["check_linear_args", "check_moe_args", "check_moe_prepacked_args"]
+__all__ = ["check_linear_args", "check_moe_args", "check_moe_dense_prepacked_args", "check_moe_prepacked_args"]
 
 _LIB = torch.library.Library("samoyeds", "DEF")
 
@@ -29,6 +29,11 @@ _LIB.define(
 _LIB.define(
     "moe_sparse_prepacked(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor w13_values, Tensor w13_meta, "
     "Tensor? w13_rowsel, Tensor w2_values, Tensor w2_meta, Tensor? w2_rowsel, int chunk, "
+    "Tensor? expert_map=None) -> Tensor"
+)
+# Fusion control for benchmarks: the same kernels on dense weights in ops.kernel_layout.to_dense_kernel_layout.
+_LIB.define(
+    "moe_dense_prepacked(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor w13_values, Tensor w2_values, "
     "Tensor? expert_map=None) -> Tensor"
 )
 
@@ -200,4 +205,50 @@ _LIB.impl("moe_sparse_prepacked", _moe_sparse_prepacked_impl, "CompositeExplicit
 @torch.library.register_fake("samoyeds::moe_sparse_prepacked")
 def _moe_sparse_prepacked_fake(*args, **kwargs):
     check_moe_prepacked_args(*args, **kwargs)
+    return torch.empty_like(args[0])
+
+
+def check_moe_dense_prepacked_args(x, topk_weights, topk_ids, w13_values, w2_values, expert_map=None) -> None:
+    """Validate ``samoyeds::moe_dense_prepacked`` arguments (dense kernel layout, then the common checks)."""
+    op = "moe_dense_prepacked"
+    for name, values, groups in (("w13", w13_values, 2), ("w2", w2_values, 1)):
+        if values.dim() != 6 or values.shape[2] != groups or values.shape[4:] != (32, 16):
+            expected = f"[E, MT, {groups}, S, 32, 16]"
+            _fail(op, f"{name}_values must be dense kernel layout {expected}, got {tuple(values.shape)}")
+    n_exp, mt13, _, s13 = w13_values.shape[:4]
+    _, mt2, _, s2 = w2_values.shape[:4]
+    # A dense weight passes the shared checks as the 2:4 packing of the same shape.
+    check_moe_args(
+        x,
+        topk_weights,
+        topk_ids,
+        _Spec((n_exp, 2 * mt13 * 16, s13 * 16), w13_values.dtype, w13_values.device),
+        _Spec((n_exp, 2 * mt13 * 16, s13 * 4), torch.uint8, w13_values.device),
+        None,
+        _Spec((n_exp, mt2 * 16, s2 * 16), w2_values.dtype, w2_values.device),
+        _Spec((n_exp, mt2 * 16, s2 * 4), torch.uint8, w2_values.device),
+        None,
+        0,
+        expert_map,
+    )
+
+
+def _moe_dense_prepacked_impl(x, topk_weights, topk_ids, w13_values, w2_values, expert_map=None):
+    check_moe_dense_prepacked_args(x, topk_weights, topk_ids, w13_values, w2_values, expert_map)
+    return moe_dense_reference(
+        x,
+        topk_weights,
+        topk_ids,
+        from_dense_kernel_layout(w13_values),
+        from_dense_kernel_layout(w2_values),
+        expert_map,
+    )
+
+
+_LIB.impl("moe_dense_prepacked", _moe_dense_prepacked_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("samoyeds::moe_dense_prepacked")
+def _moe_dense_prepacked_fake(*args, **kwargs):
+    check_moe_dense_prepacked_args(*args, **kwargs)
     return torch.empty_like(args[0])
