@@ -23,9 +23,11 @@ def cpu_name() -> str:
 
 
 def git_commit() -> str:
-    """Short git commit, or $SAMOYEDS_COMMIT where the tree has no .git (e.g. a copy sent to a GPU machine)."""
+    """Short git commit of this checkout (whatever the working directory), or $SAMOYEDS_COMMIT where the tree has
+    no .git (e.g. a copy sent to a GPU machine)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        cmd = ["git", "rev-parse", "--short", "HEAD"]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         out = ""
     return out or os.environ.get("SAMOYEDS_COMMIT", "unknown")

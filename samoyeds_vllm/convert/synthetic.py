@@ -4,7 +4,8 @@ For serving benchmarks at real scale without a download: the packed expert tenso
 on-disk format (random values, random *valid* 2:4 metadata, random row selections), so no dense expert weight is
 ever materialised. Non-expert tensors are random normal (std ``initializer_range``), norms are ones and biases
 zeros. Tensors stream into shards as for a real conversion; the directory appears atomically, with a config.json
-(``architectures`` kept, samoyeds ``quantization_config``), a generation config and a small byte-level BPE tokenizer.
+(``architectures`` kept, samoyeds ``quantization_config``), a generation config and a small byte-level BPE tokenizer
+padded to the model's vocabulary size.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .sparsify import build_quantization_config, canonical_key, split_expert_ten
 from .writer import ShardWriter, write_config_json
 
 __all__ = [
+    "checkpoint_nbytes",
     "random_packed",
     "write_synthetic_checkpoint",
     "write_synthetic_dense_checkpoint",
@@ -47,7 +49,7 @@ _NIBBLES = torch.tensor([p0 | p1 << 2 for p0 in range(4) for p1 in range(p0 + 1,
 _DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
-def write_synthetic_tokenizer(out_dir: str | Path, vocab_size: int = 512):
+def write_synthetic_tokenizer(out_dir: str | Path, vocab_size: int = 512, pad_to: int | None = None):
     """Train a small byte-level BPE tokenizer in-process and save it (ids 0-3 = ``<s> </s> <unk> <pad>``).
 
     Parameters
@@ -55,8 +57,12 @@ def write_synthetic_tokenizer(out_dir: str | Path, vocab_size: int = 512):
     out_dir:
         Directory to save ``tokenizer.json`` and ``tokenizer_config.json`` into.
     vocab_size:
-        Upper bound of the tokenizer's size (it learns at most ``vocab_size - 32`` entries; keep it <= the model's
-        vocabulary).
+        Upper bound of the learned vocabulary (it learns at most ``vocab_size - 32`` entries; keep it <= the
+        model's vocabulary).
+    pad_to:
+        If given, fill the vocabulary with placeholder tokens ``<|xN|>`` (never produced by encoding, decoded as
+        their text) up to exactly this many ids, so every id the model can sample has a token (vLLM checks
+        prompt ids and detokenizes against the tokenizer). Synthetic checkpoints pass the model's vocab size.
 
     Returns
     -------
@@ -76,6 +82,11 @@ def write_synthetic_tokenizer(out_dir: str | Path, vocab_size: int = 512):
         show_progress=False,
     )
     tokenizer.train_from_iterator([_TOKENIZER_TEXT] * 4, trainer=trainer)
+    if pad_to is not None and pad_to > tokenizer.get_vocab_size():
+        data = json.loads(tokenizer.to_str())
+        vocab = data["model"]["vocab"]
+        vocab.update({f"<|x{i}|>": i for i in range(len(vocab), pad_to)})
+        tokenizer = Tokenizer.from_str(json.dumps(data))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )
@@ -164,6 +175,23 @@ def _model_plan(config_path: Path, dtype: torch.dtype):
     return raw, config, layout, plan
 
 
+def _plan_nbytes(plan, pattern: SparsityPattern | None, dtype: torch.dtype) -> int:
+    dense = sum(meta.numel() for _, meta, parts in plan if not parts) * dtype.itemsize
+    experts = [w.numel() for *_, parts in plan for *_, w in parts or ()]
+    if pattern is None:
+        return dense + sum(experts) * dtype.itemsize
+    return dense + sum(int(n * pattern.bytes_per_weight(dtype.itemsize)) for n in experts)
+
+
+def checkpoint_nbytes(
+    config_path: str | Path, pattern: str | SparsityPattern | None, dtype: torch.dtype = torch.bfloat16
+) -> int:
+    """Bytes of the tensors of a checkpoint of ``config_path``: routed experts packed in ``pattern`` (dense if
+    None), everything else dense in ``dtype`` (what ``write_synthetic_checkpoint`` would write)."""
+    _, _, _, plan = _model_plan(Path(config_path), dtype)
+    return _plan_nbytes(plan, None if pattern is None else parse_pattern(pattern), dtype)
+
+
 def write_synthetic_dense_checkpoint(
     config_path: str | Path,
     out_dir: str | Path,
@@ -204,7 +232,8 @@ def write_synthetic_dense_checkpoint(
             writer.add(dense_key, _randn(tuple(weight.shape), dtype, gen, std))
     writer.close()
     write_config_json(out_dir, {**raw, "dtype": str(dtype).removeprefix("torch.")}, None)
-    write_synthetic_tokenizer(out_dir, min(int(getattr(config, "vocab_size", 512)), 512))
+    vocab = int(getattr(config, "vocab_size", 512))
+    write_synthetic_tokenizer(out_dir, min(vocab, 512), pad_to=vocab)
     return writer.total_bytes
 
 
@@ -266,10 +295,7 @@ def write_synthetic_checkpoint(
 
     std = float(getattr(config, "initializer_range", 0.02))
     gen = torch.Generator().manual_seed(seed)
-    total = sum(meta.numel() for _, meta, parts in plan if not parts)
-    total = total * dtype.itemsize + sum(
-        int(w.numel() * pattern.bytes_per_weight(dtype.itemsize)) for *_, parts in plan for *_, w in parts or ()
-    )
+    total = _plan_nbytes(plan, pattern, dtype)
     start = time.perf_counter()
     experts: set[tuple[str, int]] = set()
     weights = 0
@@ -299,7 +325,7 @@ def write_synthetic_checkpoint(
         )
         write_config_json(tmp, out_config, quant)
         vocab = int(getattr(config, "vocab_size", 512))
-        write_synthetic_tokenizer(tmp, min(vocab, 512))
+        write_synthetic_tokenizer(tmp, min(vocab, 512), pad_to=vocab)
         generation = {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None}
         GenerationConfig(**generation).save_pretrained(str(tmp))
     layers = {prefix for prefix, _ in experts}
