@@ -23,14 +23,19 @@ def cpu_name() -> str:
 
 
 def git_commit() -> str:
-    """Short git commit of this checkout (whatever the working directory), or $SAMOYEDS_COMMIT where the tree has
-    no .git (e.g. a copy sent to a GPU machine)."""
+    """``$SAMOYEDS_COMMIT`` when set, else the short git commit of this checkout (whatever the working directory).
+
+    The variable wins: a copy of the tree sent to a GPU machine may carry a stale ``.git`` (seen: it reported the
+    previous session's HEAD), so GPU runs pass the commit they were started from explicitly.
+    """
+    if os.environ.get("SAMOYEDS_COMMIT"):
+        return os.environ["SAMOYEDS_COMMIT"]
     try:
         cmd = ["git", "rev-parse", "--short", "HEAD"]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         out = ""
-    return out or os.environ.get("SAMOYEDS_COMMIT", "unknown")
+    return out or "unknown"
 
 
 def write_result(out_dir: Path, kind: str, device: str, result: dict) -> Path:

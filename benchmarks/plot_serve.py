@@ -38,10 +38,11 @@ def markdown_table(results: list[dict]) -> str:
             cells = []
             for name in names:
                 run = cell.get(name)
-                if run is None:
+                if run is None or run["decode_tok_s"] is None:  # absent, or decode time not measurable
                     cells.append("-")
                     continue
-                ratio = f", {run['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base and name != BASELINE else ""
+                measured = base and base["decode_tok_s"] and name != BASELINE
+                ratio = f", {run['decode_tok_s'] / base['decode_tok_s']:.2f}x" if measured else ""
                 cells.append(f"{run['decode_tok_s']:.0f} ({run['tpot_ms']:.2f}{ratio})")
             lines.append(f"| {result['model']} | {tp} | {batch} | " + " | ".join(cells) + " |")
     lines += ["", "| model | TP | variant | weights GiB (vLLM) | KV-cache tokens | engine start s |"]
@@ -85,8 +86,9 @@ def plot(result: dict, out: Path) -> Path:
                 facts.append(f"{first['kv_cache_tokens']:,} KV tokens")
             label = f"{name} ({', '.join(facts)})"
             batches = [r["batch"] for r in series]
-            tput.plot(batches, [r["decode_tok_s"] for r in series], marker="o", label=label)
-            tpot.plot(batches, [r["tpot_ms"] for r in series], marker="o", label=label)
+            nan = float("nan")  # runs whose decode time was not measurable leave a gap
+            tput.plot(batches, [r["decode_tok_s"] or nan for r in series], marker="o", label=label)
+            tpot.plot(batches, [r["tpot_ms"] or nan for r in series], marker="o", label=label)
     for ax, ylabel in ((tput, "decode tokens/s"), (tpot, "time per output token (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch (concurrent requests)")
