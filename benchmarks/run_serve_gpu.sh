@@ -7,7 +7,7 @@
 # Environment (all optional):
 #   OUT          results and logs (default ./serve_out); the JSON, PNG, engine logs and this script's log land here
 #   MODE         throughput (default: dense stock vs 2:4 vs 1:2:128+2:4, dummy weights, full size)
-#                check-tp   (greedy tokens TP=1 vs TP=2 on 2-layer synthetic checkpoints of MODEL, sparse only)
+#                check-tp   (greedy tokens TP=1 vs TP=2 on 2-layer synthetic checkpoints of MODEL, stock dense too)
 #   TP           tensor-parallel size of MODE=throughput (default 1)
 #   BUDGET       seconds for this whole script (default 560: run it under `timeout 590`); bench_serve.py gets what
 #                is left after the setup (DEADLINE overrides that); it skips engines it cannot start with >= 90 s left
@@ -57,7 +57,7 @@ main() {
     timeout 400 "$PYTHON" -c 'import torch; from samoyeds_vllm.ops.cuda_kernels import load_cuda_kernels as l; print("samoyeds CUDA kernels:", torch.cuda.is_available() and l())' > "$OUT/kernel_build.log" 2>&1 &
     BUILD=$!
     if [ "$MODE" = check-tp ]; then
-        MAKE=(--layers 2 --weights synthetic --no-dense)
+        MAKE=(--layers 2 --weights synthetic)  # dense too: stock vLLM shows how often TP breaks bf16 ties
         MODEL_DIR=$MODELS_DIR/${MODEL}_L2
     else
         MAKE=()

@@ -57,8 +57,8 @@ int forced_token_tile() {
   static const int v = env_int("SAMOYEDS_TOKEN_TILE", 0);
   return v;
 }
-// Pipelined-kernel configuration per pattern (measured on H200, bf16, Mixtral-8x7B and Qwen3-30B-A3B shapes
-// at 8-128 tokens, against 4x2x5 and 8x4x3 — see docs/PERFORMANCE.md):
+// Pipelined-kernel configuration per pattern (an H200 sweep of 4x2x5, 8x2x4, 8x4x3 and 4x4x3 = warps x
+// k-steps per stage x stages; bf16, Mixtral-8x7B and Qwen3-30B-A3B shapes at 8-128 tokens; docs/PERFORMANCE.md):
 //   2:4        8 warps x KB 2 x 4 stages: 8 m-tiles share each token stage (half the token traffic per weight
 //              byte of 4 warps), 16 warps per SM; 10-20% faster than 4 warps at 32-128 tokens on Mixtral.
 //   1:2:V+2:4  4 warps x KB 4 x 3 stages: twice the accumulators of 2:4 (two banks) leave room for fewer
@@ -78,14 +78,13 @@ void launch_pipelined(const GemmArgs& a, int splits, cudaStream_t stream, const 
   constexpr int smem = pipelined_smem_bytes<T, G, NT, WARPS, KB, STAGES, DENSE>();
   static const cudaError_t configured =  // once per instantiation, before any graph capture
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  TORCH_CHECK(configured == cudaSuccess, "samoyeds::moe_sparse_prepacked: cannot reserve ", smem,
+  TORCH_CHECK(configured == cudaSuccess, "samoyeds MoE kernels: cannot reserve ", smem,
               " bytes of shared memory for ", what, ": ", cudaGetErrorString(configured));
   const dim3 grid(a.max_tiles, (a.num_mtiles + WARPS - 1) / WARPS, splits);
   kernel<<<grid, WARPS * 32, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
                                              static_cast<const uint32_t*>(a.meta), a.rowsel, a.sorted_pairs,
                                              a.tile_expert, a.num_tiles, a.topk_weights, a.out, a.K, a.num_mtiles,
                                              a.chunk_shift, a.topk, a.out_ld, a.num_pairs);
-  SAMOYEDS_CHECK_LAUNCH(what);
 }
 
 template <typename T, int G, int NT, bool SAMOYEDS, bool DENSE>
@@ -126,7 +125,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
 
   const bool pipelined13 = DENSE || NT > 1 || hidden / 32 < kSplitKMinSteps;
   const bool pipelined2 = DENSE || NT > 1 || inter / 32 < kSplitKMinSteps;
-  // w2 K splits (pipelined kernel only): ~16 CTAs per SM in total, >= 32 k-blocks per split, at most 8.
+  // w2 K splits (pipelined kernel only): ~16 CTAs per SM in total, >= 64 k-steps per split, at most 8.
   int splits = 1;
   if (pipelined2) {
     constexpr int kb = PipeConfig<SAMOYEDS, DENSE>::kBlock, warps = PipeConfig<SAMOYEDS, DENSE>::kWarps;
