@@ -2,9 +2,10 @@
 
 Each variant runs in its own engine subprocess under a timeout (an engine does not give its GPU memory back),
 with CUDA graphs on (captured for exactly the batch sizes measured), prefix caching off, fixed-length random
-token prompts and a fixed output length (``ignore_eos``). Per batch size it warms up once (a short generation:
-prefill and decode shapes, Triton JITs), then times ``--repeats`` pairs of a 1-token generation (prefill) and a
-full generation, and takes medians; decode time is the difference:
+token prompts and a fixed output length (``ignore_eos``). Per batch size it warms up once with a full-length
+generation (prefill and decode shapes, Triton JITs), then times ``--repeats`` (default 3) pairs of a 1-token
+generation (prefill) and a full generation, and takes medians; decode time is the difference of the medians
+(recorded as null where it is not positive):
 
     decode_tok_s = batch * (output_len - 1) / (t_full - t_prefill),   tpot_ms = (t_full - t_prefill) / (output_len - 1)
 
