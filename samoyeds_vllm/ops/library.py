@@ -158,20 +158,19 @@ def check_moe_prepacked_args(
         if meta.dtype != torch.int32 or tuple(meta.shape) != (*values.shape[:4], 16):
             _fail(op, f"{name}_meta must be int32 {(*values.shape[:4], 16)}, got {meta.dtype} {tuple(meta.shape)}")
     # Check the canonical shapes these tensors stand for with the shared checks (no allocation).
-    n_exp, mt13, _, s13 = w13_values.shape[:4]
-    _, mt2, _, s2 = w2_values.shape[:4]
-    check_moe_args(
-        x,
-        topk_weights,
-        topk_ids,
-        _Spec((n_exp, 2 * mt13 * 16, s13 * 16), w13_values.dtype, w13_values.device),
-        _Spec((n_exp, 2 * mt13 * 16, s13 * 4), torch.uint8, w13_meta.device),
-        w13_rowsel,
-        _Spec((n_exp, mt2 * 16, s2 * 16), w2_values.dtype, w2_values.device),
-        _Spec((n_exp, mt2 * 16, s2 * 4), torch.uint8, w2_meta.device),
-        w2_rowsel,
-        chunk,
-        expert_map,
+    w13_spec, w13_meta_spec = _canonical_specs(w13_values, w13_meta.device)
+    w2_spec, w2_meta_spec = _canonical_specs(w2_values, w2_meta.device)
+    specs = (w13_spec, w13_meta_spec, w13_rowsel, w2_spec, w2_meta_spec, w2_rowsel)
+    check_moe_args(x, topk_weights, topk_ids, *specs, chunk, expert_map)
+
+
+def _canonical_specs(values: torch.Tensor, meta_device: torch.device) -> tuple[_Spec, _Spec]:
+    """Canonical ``(sp_values, sp_meta)`` shapes of kernel-layout ``values [E, MT, G, S, 32, *]`` as 2:4."""
+    n_exp, tiles, groups, steps = values.shape[:4]
+    rows = groups * tiles * 16
+    return (
+        _Spec((n_exp, rows, steps * 16), values.dtype, values.device),
+        _Spec((n_exp, rows, steps * 4), torch.uint8, meta_device),
     )
 
 
@@ -215,22 +214,10 @@ def check_moe_dense_prepacked_args(x, topk_weights, topk_ids, w13_values, w2_val
         if values.dim() != 6 or values.shape[2] != groups or values.shape[4:] != (32, 16):
             expected = f"[E, MT, {groups}, S, 32, 16]"
             _fail(op, f"{name}_values must be dense kernel layout {expected}, got {tuple(values.shape)}")
-    n_exp, mt13, _, s13 = w13_values.shape[:4]
-    _, mt2, _, s2 = w2_values.shape[:4]
     # A dense weight passes the shared checks as the 2:4 packing of the same shape.
-    check_moe_args(
-        x,
-        topk_weights,
-        topk_ids,
-        _Spec((n_exp, 2 * mt13 * 16, s13 * 16), w13_values.dtype, w13_values.device),
-        _Spec((n_exp, 2 * mt13 * 16, s13 * 4), torch.uint8, w13_values.device),
-        None,
-        _Spec((n_exp, mt2 * 16, s2 * 16), w2_values.dtype, w2_values.device),
-        _Spec((n_exp, mt2 * 16, s2 * 4), torch.uint8, w2_values.device),
-        None,
-        0,
-        expert_map,
-    )
+    w13_spec, w13_meta_spec = _canonical_specs(w13_values, w13_values.device)
+    w2_spec, w2_meta_spec = _canonical_specs(w2_values, w2_values.device)
+    check_moe_args(x, topk_weights, topk_ids, w13_spec, w13_meta_spec, None, w2_spec, w2_meta_spec, None, 0, expert_map)
 
 
 def _moe_dense_prepacked_impl(x, topk_weights, topk_ids, w13_values, w2_values, expert_map=None):
