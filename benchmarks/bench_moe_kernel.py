@@ -96,7 +96,7 @@ def _matmul_tflops() -> float:
     return 2 * 8192**3 / (us * 1e-6) / 1e12
 
 
-def _routing(n_tokens: int, n_exp: int, topk: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def uniform_routing(n_tokens: int, n_exp: int, topk: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform random top-k (distinct experts per token), softmax weights."""
     scores = torch.rand(n_tokens, n_exp, generator=gen, device="cuda")
     ids = scores.topk(topk, dim=-1).indices.to(torch.int32)
@@ -233,7 +233,7 @@ def main() -> None:
             prepared[spec] = (prepared[spec], bytes_per_expert)
         for n_tokens in args.tokens:
             x = torch.randn(n_tokens, hidden, generator=gen, device="cuda", dtype=dtype)
-            weights, ids = _routing(n_tokens, n_exp, topk, gen)
+            weights, ids = uniform_routing(n_tokens, n_exp, topk, gen)
             active = int(torch.unique(ids).numel())
             act_bytes = 2 * n_tokens * hidden * 2 + n_tokens * topk * (2 * inter + hidden) * 2
             use_graph = n_tokens <= args.no_graph_above

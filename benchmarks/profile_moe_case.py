@@ -9,18 +9,18 @@ Example (GPU machine)::
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_moe_kernel (also under python -P)
+
+from bench_moe_kernel import SHAPES, uniform_routing
 
 from samoyeds_vllm import ops
 from samoyeds_vllm.formats import pack, parse_pattern
 from samoyeds_vllm.pruning import select_mask
-
-#: name -> (E, k, H, I), as in bench_moe_kernel.py
-SHAPES = {
-    "mixtral_8x7b": (8, 2, 4096, 14336),
-    "qwen3_30b_a3b": (128, 8, 2048, 768),
-}
 
 
 def main() -> None:
@@ -40,8 +40,7 @@ def main() -> None:
     )
     del w13, w2
     x = torch.randn(args.tokens, hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
-    ids = torch.rand(args.tokens, n_exp, generator=gen, device="cuda").topk(topk, dim=-1).indices.to(torch.int32)
-    weights = torch.softmax(torch.randn(args.tokens, topk, generator=gen, device="cuda"), -1)
+    weights, ids = uniform_routing(args.tokens, n_exp, topk, gen)  # the benchmark's routing
     for _ in range(args.iters):
         ops.moe_forward(x, weights, ids, prepared)
     torch.cuda.synchronize()
