@@ -57,41 +57,51 @@ int forced_token_tile() {
   static const int v = env_int("SAMOYEDS_TOKEN_TILE", 0);
   return v;
 }
-// Pipelined-kernel configuration per pattern (an H200 sweep of 4x2x5, 8x2x4, 8x4x3 and 4x4x3 = warps x
-// k-steps per stage x stages; bf16, Mixtral-8x7B and Qwen3-30B-A3B shapes at 8-128 tokens; docs/PERFORMANCE.md):
+// Pipelined-kernel configuration per pattern, from two H200 sweeps (warps x k-steps per stage x stages; bf16,
+// Mixtral-8x7B and Qwen3-30B-A3B shapes at 8-512 tokens; docs/PERFORMANCE.md):
 //   2:4        8 warps x KB 2 x 4 stages: 8 m-tiles share each token stage (half the token traffic per weight
-//              byte of 4 warps), 16 warps per SM; 10-20% faster than 4 warps at 32-128 tokens on Mixtral.
-//   1:2:V+2:4  4 warps x KB 4 x 3 stages: twice the accumulators of 2:4 (two banks) leave room for fewer
-//              warps only; longer stages halve the per-stage overhead. 5-10% faster than 4x2x5 at 32-64.
+//              byte of 4 warps), 16 warps per SM. 4x2x4, 8x4x3 and 8x2x5 were within 3% at 8-64 tokens and
+//              6-19% slower at 128 (Mixtral).
+//   1:2:V+2:4  4 warps x KB 4 x 2 stages: 54 KB per CTA, four CTAs (16 warps) per SM. Occupancy beat depth:
+//              at 32-128 tokens (Mixtral) 7-30% faster than 4x4x3 (two CTAs per SM), 4x2x4, 8x2x4, 8x4x2
+//              and 4x2x2.
 //   dense      (fusion control, moe_dense_prepacked) 4 warps x KB 2 x 4 stages: twice the weight bytes per
 //              stage of 2:4; not tuned beyond fitting two CTAs per SM.
-template <bool SAMOYEDS, bool DENSE = false>
-struct PipeConfig {
-  static constexpr int kWarps = (SAMOYEDS || DENSE) ? 4 : 8;
-  static constexpr int kBlock = SAMOYEDS ? 4 : 2;
-  static constexpr int kStages = SAMOYEDS ? 3 : 4;
+// Tuning sweeps override the shapes at build time (SAMOYEDS_EXTRA_NVCC_FLAGS, samoyeds_vllm/envs.py) as three
+// digits warps|k-steps per stage|stages, e.g. -DSAMOYEDS_PIPE_24=424 -DSAMOYEDS_PIPE_SAMOYEDS=443.
+#ifndef SAMOYEDS_PIPE_24
+#define SAMOYEDS_PIPE_24 824
+#endif
+#ifndef SAMOYEDS_PIPE_SAMOYEDS
+#define SAMOYEDS_PIPE_SAMOYEDS 442
+#endif
+template <int CODE>
+struct PipeShape {
+  static constexpr int kWarps = CODE / 100, kBlock = CODE / 10 % 10, kStages = CODE % 10;
 };
+template <bool SAMOYEDS, bool DENSE = false>
+using PipeConfig = PipeShape<DENSE ? 424 : (SAMOYEDS ? SAMOYEDS_PIPE_SAMOYEDS : SAMOYEDS_PIPE_24)>;
 
-template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS, bool DENSE>
+template <typename T, int G, int NT, bool SAMOYEDS, bool DENSE>
 void launch_pipelined(const GemmArgs& a, int splits, cudaStream_t stream, const char* what) {
-  constexpr auto kernel = moe_mma_sp_pipelined_kernel<T, G, NT, WARPS, KB, STAGES, SAMOYEDS, DENSE>;
-  constexpr int smem = pipelined_smem_bytes<T, G, NT, WARPS, KB, STAGES, DENSE>();
+  using C = PipeConfig<SAMOYEDS, DENSE>;
+  constexpr auto kernel = moe_mma_sp_pipelined_kernel<T, G, NT, C::kWarps, C::kBlock, C::kStages, SAMOYEDS, DENSE>;
+  constexpr int smem = pipelined_smem_bytes<T, G, NT, C::kWarps, C::kBlock, C::kStages, DENSE>();
   static const cudaError_t configured =  // once per instantiation, before any graph capture
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   TORCH_CHECK(configured == cudaSuccess, "samoyeds MoE kernels: cannot reserve ", smem,
               " bytes of shared memory for ", what, ": ", cudaGetErrorString(configured));
-  const dim3 grid(a.max_tiles, (a.num_mtiles + WARPS - 1) / WARPS, splits);
-  kernel<<<grid, WARPS * 32, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
-                                             static_cast<const uint32_t*>(a.meta), a.rowsel, a.sorted_pairs,
-                                             a.tile_expert, a.num_tiles, a.topk_weights, a.out, a.K, a.num_mtiles,
-                                             a.chunk_shift, a.topk, a.out_ld, a.num_pairs);
+  const dim3 grid(a.max_tiles, (a.num_mtiles + C::kWarps - 1) / C::kWarps, splits);
+  kernel<<<grid, C::kWarps * 32, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
+                                                 static_cast<const uint32_t*>(a.meta), a.rowsel, a.sorted_pairs,
+                                                 a.tile_expert, a.num_tiles, a.topk_weights, a.out, a.K,
+                                                 a.num_mtiles, a.chunk_shift, a.topk, a.out_ld, a.num_pairs);
 }
 
 template <typename T, int G, int NT, bool SAMOYEDS, bool DENSE>
 void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t stream, const char* what) {
   if (pipelined) {
-    using C = PipeConfig<SAMOYEDS, DENSE>;
-    launch_pipelined<T, G, NT, C::kWarps, C::kBlock, C::kStages, SAMOYEDS, DENSE>(a, splits, stream, what);
+    launch_pipelined<T, G, NT, SAMOYEDS, DENSE>(a, splits, stream, what);
   } else {
     if constexpr (NT == 1 && !DENSE) {
       moe_mma_sp_kernel<T, G, 1, kSplitKWarps, kSplitKBlock, SAMOYEDS>
@@ -128,12 +138,12 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   // w2 K splits (pipelined kernel only): ~16 CTAs per SM in total, >= 64 k-steps per split, at most 8.
   int splits = 1;
   if (pipelined2) {
-    constexpr int kb = PipeConfig<SAMOYEDS, DENSE>::kBlock, warps = PipeConfig<SAMOYEDS, DENSE>::kWarps;
-    const int total_blk = (inter / 32 + kb - 1) / kb;
-    const int ctas = max_tiles * ((mt2 + warps - 1) / warps);
+    using C = PipeConfig<SAMOYEDS, DENSE>;
+    const int total_blk = (inter / 32 + C::kBlock - 1) / C::kBlock;
+    const int ctas = max_tiles * ((mt2 + C::kWarps - 1) / C::kWarps);
     int sms = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device());
-    splits = std::max(1, std::min({8, total_blk * kb / 64, (16 * sms + ctas - 1) / ctas}));
+    splits = std::max(1, std::min({8, total_blk * C::kBlock / 64, (16 * sms + ctas - 1) / ctas}));
   }
 
   at::Tensor pair_expert = at::empty({std::max(num_pairs, 1)}, i32);
@@ -193,27 +203,29 @@ void dispatch_tiles(double pairs_per_expert, const at::Tensor& x, const at::Tens
     launch_moe<T, decltype(nt)::value, SAMOYEDS, DENSE>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
                                                  w2_values, w2_meta, w2_rowsel, chunk, expert_map, out);
   };
+  // Wide tiles: 64 tokens for 2:4; 48 for 1:2:V+2:4, whose two accumulator banks make 64-token tiles need ~250
+  // registers (48: 168 registers, three CTAs per SM).
+  auto run_wide = [&] {
+    if constexpr (SAMOYEDS) {
+      run(std::integral_constant<int, 6>{});
+    } else {
+      run(std::integral_constant<int, 8>{});
+    }
+  };
   const int forced = forced_token_tile();
-  if (forced == 8 || forced == 16 || forced == 32 || forced == 64) {
+  if (forced == 8 || forced == 16 || forced == 32 || forced == 48 || forced == 64) {
     if (forced == 8) run(std::integral_constant<int, 1>{});
     if (forced == 16) run(std::integral_constant<int, 2>{});
     if (forced == 32) run(std::integral_constant<int, 4>{});
-    if (forced == 64) {
-      if constexpr (!SAMOYEDS) run(std::integral_constant<int, 8>{});
-      if constexpr (SAMOYEDS) run(std::integral_constant<int, 4>{});
-    }
+    if (forced == 48 || forced == 64) run_wide();
   } else if (pairs_per_expert + 2.0 * sd <= 8.0) {
     run(std::integral_constant<int, 1>{});
   } else if (busiest <= 16.0) {
     run(std::integral_constant<int, 2>{});
   } else if (busiest <= 32.0) {
     run(std::integral_constant<int, 4>{});
-  } else if constexpr (SAMOYEDS) {
-    // 64-token tiles with two accumulator banks need ~240 registers (one 4-warp CTA pair per SM) and ran
-    // 10-15% slower than 32-token tiles that let the busiest experts overflow (Mixtral, 128 tokens, H200).
-    run(std::integral_constant<int, 4>{});
   } else {
-    run(std::integral_constant<int, 8>{});
+    run_wide();
   }
 }
 

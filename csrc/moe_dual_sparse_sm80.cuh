@@ -30,7 +30,7 @@
 //   C/D: c0, c1 = (row g, tokens 2t, 2t+1), c2, c3 = (row g+8, same tokens); fp32.
 // For 1:2:V+2:4 an A row is a stored row p holding, per chunk of V inputs, the segment of output row
 // 2p + rowsel[p, chunk]. Each thread keeps an even-row and an odd-row accumulator bank; the MMAs always
-// accumulate into bank 0, and at each chunk start the two banks are swapped (two selects per accumulator,
+// accumulate into bank 0, and at each chunk start the two banks are swapped (masked XOR,
 // exact) where the chunk's rowsel bit differs from the row bank 0 holds (select_banks). The row-pair
 // resolution never leaves registers.
 //
@@ -162,14 +162,26 @@ __global__ void moe_prepare_kernel(const IdT* __restrict__ topk_ids,       // [T
     if (e >= 0) atomicAdd(&counts[e], 1);
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int off = 0;
-    for (int e = 0; e < num_experts; ++e) {
+  if (threadIdx.x < 32) {  // exclusive scan of tiles per expert by one warp: lane l owns a run of experts
+    const int lane = threadIdx.x, per = (num_experts + 31) / 32;
+    const int e0 = min(lane * per, num_experts), e1 = min(e0 + per, num_experts);
+    int mine = 0;
+    for (int e = e0; e < e1; ++e) mine += (counts[e] + tile_rows - 1) / tile_rows;
+    int incl = mine;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    int off = incl - mine;
+    for (int e = e0; e < e1; ++e) {
       tile_off[e] = off;
       off += (counts[e] + tile_rows - 1) / tile_rows;
     }
-    tile_off[num_experts] = off;
-    *num_tiles = off;
+    if (lane == 31) {
+      tile_off[num_experts] = incl;
+      *num_tiles = incl;
+    }
   }
   __syncthreads();
   const int total = tile_off[num_experts];
@@ -223,24 +235,29 @@ __device__ __forceinline__ void load_weight_block(WeightBlock<KB, G>& w, const u
 // row half): bank 0 is the one the MMAs accumulate into, bank 1 the other output row of the pair, and
 // state[gr][h] records which output row bank 0 currently holds (0 = even, 1 = odd). Before the first k-step
 // of every chunk (and of every contiguous run of k-steps a warp owns) the banks are swapped where the chunk's
-// bit differs from the state: two selects per accumulator per chunk, exact (no arithmetic on the values),
-// so the row-pair selection costs ~1 instruction per accumulator and chunk and never leaves registers.
+// bit differs from the state: an XOR swap under a mask, exact (bit moves only, no arithmetic on the values),
+// so the row-pair selection costs 1.5 instructions per accumulator and chunk and never leaves registers.
 template <int G, int NT>
 __device__ __forceinline__ void select_banks(float (&acc)[2][G][NT][4], bool (&state)[G][2],
-                                             const bool (&want)[G][2]) {
+                                             const bool (&want)[G][2], int nt_active = NT) {
 #pragma unroll
   for (int gr = 0; gr < G; ++gr) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const bool flip = want[gr][h] != state[gr][h];
+      // Masked XOR swap: x = (a ^ b) & mask, a ^= x, b ^= x; three LOP3 per pair, in place. (Written as C++
+      // the compiler turns the mask into a predicate and emits XOR + SEL + 2 XOR, or 2 FSEL + MOV.)
+      const uint32_t mask = 0u - static_cast<uint32_t>(want[gr][h] != state[gr][h]);
       state[gr][h] = want[gr][h];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
+        if (nt < nt_active) {  // n-tiles without tokens hold zeros in both banks: nothing to swap
 #pragma unroll
-        for (int r = 2 * h; r < 2 * h + 2; ++r) {  // rows g (regs 0, 1) and g + 8 (regs 2, 3)
-          const float cur = acc[0][gr][nt][r], other = acc[1][gr][nt][r];
-          acc[0][gr][nt][r] = flip ? other : cur;
-          acc[1][gr][nt][r] = flip ? cur : other;
+          for (int r = 2 * h; r < 2 * h + 2; ++r) {  // rows g (regs 0, 1) and g + 8 (regs 2, 3)
+            uint32_t a = __float_as_uint(acc[0][gr][nt][r]), b = __float_as_uint(acc[1][gr][nt][r]), x;
+            asm("lop3.b32 %0, %1, %2, %3, 0x28;" : "=r"(x) : "r"(a), "r"(b), "r"(mask));  // (a ^ b) & mask
+            acc[0][gr][nt][r] = __uint_as_float(a ^ x);
+            acc[1][gr][nt][r] = __uint_as_float(b ^ x);
+          }
         }
       }
     }
@@ -267,20 +284,20 @@ __device__ __forceinline__ void mma_kstep(float (&acc)[BANKS][G][NT][4], const u
 //   by bank state[gr][h] ^ 1 and bank state[gr][h] respectively (see select_banks).
 //   G = 2: out = intermediate row (tile row), value silu(gate) * up.
 //   G = 1: out = fp32 slot_out row of the (token, slot) pair, value acc * routing weight; padding rows skipped.
-// Only the first nt_active n-tiles are written: later intermediate rows are padding, never read by w2.
+// The warp's n-tiles start at token row col0 of the tiled layout; only its first nt_active n-tiles are written
+// (later intermediate rows are padding, never read by w2).
 template <typename T, int G, int NT, bool SAMOYEDS>
 __device__ __forceinline__ void store_epilogue(const float (&acc)[SAMOYEDS ? 2 : 1][G][NT][4],
-                                               const bool (&state)[G][2], int nt_active, int tile, int mt, int g,
+                                               const bool (&state)[G][2], int nt_active, int col0, int mt, int g,
                                                int t, const int32_t* __restrict__ sorted_pairs,
                                                const float* __restrict__ topk_weights, void* __restrict__ out,
                                                int out_ld) {
-  constexpr int BN = NT * 8;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     if (nt >= nt_active) break;
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      const int col = tile * BN + nt * 8 + 2 * t + (r & 1);
+      const int col = col0 + nt * 8 + 2 * t + (r & 1);
       const int stored = mt * 16 + g + 8 * (r >> 1);
       // value of group gr for output row parity b
       auto value = [&](int gr, int b) -> float {
@@ -395,10 +412,12 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
             bfrag[kk][nt][i] =
                 brow[nt] ? __ldg(reinterpret_cast<const uint32_t*>(brow[nt] + s * 32 + 8 * i)) : 0u;
         if constexpr (SAMOYEDS) {
+          if (kk == 0 || (s & ((1 << chunk_shift) - 1)) == 0) {  // only chunk starts read their row selection
 #pragma unroll
-          for (int gr = 0; gr < G; ++gr)
+            for (int gr = 0; gr < G; ++gr)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) want[kk][gr][h] = __ldg(rs_base[gr][h] + (s >> chunk_shift)) != 0;
+              for (int h = 0; h < 2; ++h) want[kk][gr][h] = __ldg(rs_base[gr][h] + (s >> chunk_shift)) != 0;
+          }
         }
       }
     }
@@ -440,7 +459,8 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
       for (int i = 0; i < NACC; ++i) flat[i] += red[w][i][lane];
   }
 
-  store_epilogue<T, G, NT, SAMOYEDS>(acc, state, NT, tile, mt, g, t, sorted_pairs, topk_weights, out, out_ld);
+  store_epilogue<T, G, NT, SAMOYEDS>(acc, state, NT, tile * BN, mt, g, t, sorted_pairs, topk_weights, out,
+                                     out_ld);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -456,13 +476,26 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
 //   per slot:   tokens [BN x 32*KB] (rows padded by 16 B: conflict-free B reads)
 //               weights [WARPS][KB][G][32 lanes] x 16 B,  metadata [WARPS][KB][G][16] x 4 B
 // ---------------------------------------------------------------------------------------------------------
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+// Shared-memory access by 32-bit shared-window address: every ring address of a thread is one base register
+// plus a compile-time offset (stage, k-step, n-tile), so the hot loop does no address arithmetic.
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
-__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem));
+__device__ __forceinline__ uint4 lds_128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint32_t lds_32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+// 16-byte global -> shared copy, issued only where pred (a predicated instruction, not a branch).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool pred = true) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p cp.async.cg.shared.global [%0], [%1], 16;\n}\n" ::"r"(dst),
+      "l"(src), "r"(static_cast<int>(pred)));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -472,18 +505,36 @@ __device__ __forceinline__ void cp_async_wait() {
 // Four 8x8 b16 matrices from shared memory; lane l supplies the address of row l % 8 of matrix l / 8 and
 // receives, in register i, elements (row l / 4, cols 2(l % 4), +1) of matrix i: for rows = tokens and
 // matrix i = k offset 8i that is exactly the B fragment b_i of mma.m16n8k32.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
 
+// Shared-memory ring of moe_mma_sp_pipelined_kernel, in bytes. Per stage:
+//   weights  [WARPS][KB][G][AV][32 lanes] x 16 B   (AV = 2 16-byte vectors per lane for the dense control)
+//   metadata [WARPS][KB][G][16] x 4 B              (sparse only)
+//   tokens   [BN][32 * KB + 8] x sizeof(T)         (rows padded by 16 B: conflict-free ldmatrix)
+template <typename T, int G, int NT, int WARPS, int KB, bool DENSE>
+struct PipeSmem {
+  static constexpr int kAV = DENSE ? 2 : 1;
+  static constexpr int kLD = 32 * KB + 8;  // token row, elements
+  static constexpr uint32_t kAWarp = KB * G * kAV * 32 * 16;
+  static constexpr uint32_t kMWarp = DENSE ? 0 : KB * G * 16 * 4;
+  static constexpr uint32_t kAStage = WARPS * kAWarp;
+  static constexpr uint32_t kMStage = WARPS * kMWarp;
+  static constexpr uint32_t kBStage = NT * 8 * kLD * sizeof(T);
+  static constexpr uint32_t kRow = kLD * sizeof(T);
+  template <int STAGES>
+  static constexpr uint32_t bytes() {
+    return STAGES * (kAStage + kMStage + kBStage);
+  }
+};
+
 // Bytes of dynamic shared memory moe_mma_sp_pipelined_kernel needs.
 template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool DENSE = false>
 constexpr int pipelined_smem_bytes() {
-  constexpr int per_lane_group_step = DENSE ? 32 * 32 : 32 * 16 + 16 * 4;  // values (+ metadata)
-  return STAGES * (WARPS * KB * G * per_lane_group_step + NT * 8 * (32 * KB + 8) * static_cast<int>(sizeof(T)));
+  return static_cast<int>(PipeSmem<T, G, NT, WARPS, KB, DENSE>::template bytes<STAGES>());
 }
 
 template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS, bool DENSE = false>
@@ -494,19 +545,18 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
                             const int32_t* __restrict__ num_tiles, const float* __restrict__ topk_weights,
                             void* __restrict__ out, int K, int num_mtiles, int chunk_shift, int topk, int out_ld,
                             int num_pairs) {  // G=1: slot_out is [gridDim.z, num_pairs, out_ld]
+  using L = PipeSmem<T, G, NT, WARPS, KB, DENSE>;
   constexpr int BN = NT * 8;
   constexpr int KBLK = 32 * KB;  // k per stage
-  constexpr int LD = KBLK + 8;   // padded smem row, elements
-  constexpr int CHUNKS_PER_ROW = KBLK / 8;
-  // Dynamic shared memory (pipelined_smem_bytes): the ring is larger than the 48 KB static limit.
+  constexpr int AV = L::kAV;
+  constexpr int THREADS = WARPS * 32;
+  constexpr int CHUNKS_PER_ROW = KBLK / 8;  // 16-byte token chunks per row and stage
+  static_assert(THREADS % CHUNKS_PER_ROW == 0, "a thread copies the same column of every row it owns");
+  constexpr int ROWS_PER_PASS = THREADS / CHUNKS_PER_ROW;
+  constexpr int TOKEN_COPIES = (BN + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+  // Dynamic shared memory (PipeSmem): the ring is larger than the 48 KB static limit.
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  // DENSE (fusion control): AV = 2 16-byte A vectors per lane and k-step (two m16n8k16 fragments), no metadata.
-  constexpr int AV = DENSE ? 2 : 1;
-  constexpr int META_WORDS = DENSE ? 0 : 16;
-  auto& as = *reinterpret_cast<uint4 (*)[STAGES][WARPS][KB][G][AV][32]>(smem_raw);
-  auto& ms = *reinterpret_cast<uint32_t (*)[STAGES][WARPS][KB][G][16]>(smem_raw + sizeof(uint4) * STAGES * WARPS * KB * G * 32 * AV);
-  auto& bs = *reinterpret_cast<T (*)[STAGES][BN][LD]>(smem_raw + (sizeof(uint4) * 32 * AV + sizeof(uint32_t) * META_WORDS) *
-                                                                     STAGES * WARPS * KB * G);
+  constexpr uint32_t M_OFF = STAGES * L::kAStage, B_OFF = M_OFF + STAGES * L::kMStage;
   __shared__ const T* rows[BN];
   const int tile = blockIdx.x;
   if (tile >= *num_tiles) return;  // uniform across the CTA
@@ -534,58 +584,56 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   const int nt_active = (__syncthreads_count(valid) + 7) >> 3;
   const int load_rows = nt_active * 8;
 
-  const long long tile_base = (static_cast<long long>(expert) * num_mtiles + (active ? mt : 0)) * G;
-  const uint4* a_src = kvalues + (tile_base * S * 32 + lane) * AV;
-  // lanes 0..15 fetch the 16 metadata words (entry 2g' + h); every lane reads entry 2g + (t & 1)
-  const uint32_t* m_src = kmeta + tile_base * S * 16 + (lane & 15);
+  // Ring addresses of this thread (stage 0; stage st adds st * stage bytes):
+  const uint32_t smem = smem_addr(smem_raw);
+  const uint32_t a_sm = smem + warp * L::kAWarp + lane * 16;  // the warp's A vectors (copied and read)
+  const uint32_t m_sm_w = smem + M_OFF + warp * L::kMWarp + (lane & 3) * 16;  // lanes 0..3 copy 16 B each
+  const uint32_t m_sm_r = smem + M_OFF + warp * L::kMWarp + (2 * g + (t & 1)) * 4;  // entry 2g + (t & 1)
+  // ldmatrix.x4 source of this lane: matrix i = lane / 8 (k offset 8i), row lane % 8 (token) of an n-tile.
+  const uint32_t b_sm_r = smem + B_OFF + (lane & 7) * L::kRow + 8 * (lane >> 3) * sizeof(T);
 
-  // Token rows this thread copies each stage (fixed for the whole K loop): chunk c = threadIdx.x + i * threads
-  // is 16 bytes of row c / CHUNKS_PER_ROW. Padding rows of active n-tiles are not loaded: an MMA column
-  // depends only on its own B column, so whatever a padding column holds reaches only padding outputs,
-  // which no epilogue stores.
-  constexpr int THREADS = WARPS * 32;
-  constexpr int TOKEN_COPIES = (BN * CHUNKS_PER_ROW + THREADS - 1) / THREADS;
-  constexpr unsigned STAGE_TOKEN_BYTES = BN * LD * sizeof(T);
+  // Token rows this thread copies each stage: column tok_col of rows first_row + i * ROWS_PER_PASS (fixed for
+  // the whole K loop). Padding rows of active n-tiles are not loaded: an MMA column depends only on its own B
+  // column, so whatever a padding column holds reaches only padding outputs, which no epilogue stores.
+  const int first_row = threadIdx.x / CHUNKS_PER_ROW, tok_col = (threadIdx.x % CHUNKS_PER_ROW) * 8;
+  const uint32_t b_sm_w = smem + B_OFF + first_row * L::kRow + tok_col * sizeof(T);
   const T* tok_src[TOKEN_COPIES];
-  unsigned tok_dst[TOKEN_COPIES];
-  int tok_col[TOKEN_COPIES];
+  bool tok_ok[TOKEN_COPIES];
 #pragma unroll
   for (int i = 0; i < TOKEN_COPIES; ++i) {
-    const int c = threadIdx.x + i * THREADS;
-    const int row = c / CHUNKS_PER_ROW, col = (c % CHUNKS_PER_ROW) * 8;
-    const bool load = c < load_rows * CHUNKS_PER_ROW && rows[row] != nullptr;
-    tok_src[i] = load ? rows[row] + col : nullptr;
-    tok_col[i] = col;
-    tok_dst[i] = static_cast<unsigned>(__cvta_generic_to_shared(&bs[0][load ? row : 0][col]));
+    const int row = first_row + i * ROWS_PER_PASS;
+    tok_ok[i] = row < load_rows && rows[row] != nullptr;
+    tok_src[i] = (tok_ok[i] ? rows[row] : act) + tok_col;  // never dereferenced unless tok_ok
   }
+  const long long tile_base = (static_cast<long long>(expert) * num_mtiles + (active ? mt : 0)) * G;
   const uint4* a_grp[G];
-  const uint32_t* m_grp[G];
+  const uint4* m_grp[G];  // metadata as 16-byte vectors: 4 per (group, k-step)
 #pragma unroll
   for (int gr = 0; gr < G; ++gr) {
-    a_grp[gr] = a_src + static_cast<long long>(gr) * S * 32 * AV;
-    m_grp[gr] = m_src + static_cast<long long>(gr) * S * 16;
+    a_grp[gr] = kvalues + ((tile_base + gr) * S * 32 + lane) * AV;
+    m_grp[gr] = reinterpret_cast<const uint4*>(kmeta + (tile_base + gr) * S * 16) + (lane & 3);
   }
+  const bool meta_lane = !DENSE && lane < 4;
 
   auto load_stage = [&](int local, int st) {  // local k-block index within this split, ring slot st
     const int blk = blk_begin + local;
+    const bool k_ok = blk * KBLK + tok_col < K;  // the last block of a K that is not a multiple of KBLK
 #pragma unroll
-    for (int i = 0; i < TOKEN_COPIES; ++i) {
-      if (tok_src[i] != nullptr && blk * KBLK + tok_col[i] < K) {
-        const unsigned dst = tok_dst[i] + st * STAGE_TOKEN_BYTES;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(tok_src[i] + blk * KBLK));
-      }
-    }
+    for (int i = 0; i < TOKEN_COPIES; ++i)
+      cp_async_16(b_sm_w + st * L::kBStage + i * ROWS_PER_PASS * L::kRow, tok_src[i] + blk * KBLK, k_ok && tok_ok[i]);
     if (active) {
+      const int s0 = blk * KB;
 #pragma unroll
       for (int kk = 0; kk < KB; ++kk) {
-        const int s = blk * KB + kk;
-        if (s < S) {
+        const bool in_k = s0 + kk < S;  // predicated, not branched: only the last block of a tail is partial
 #pragma unroll
-          for (int gr = 0; gr < G; ++gr) {
+        for (int gr = 0; gr < G; ++gr) {
 #pragma unroll
-            for (int v = 0; v < AV; ++v) cp_async_16(&as[st][warp][kk][gr][v][lane], a_grp[gr] + s * 32 * AV + v);
-            if (!DENSE && lane < 16) cp_async_4(&ms[st][warp][kk][gr][lane], m_grp[gr] + s * 16);
-          }
+          for (int v = 0; v < AV; ++v)
+            cp_async_16(a_sm + st * L::kAStage + ((kk * G + gr) * AV + v) * 512, a_grp[gr] + (s0 + kk) * 32 * AV + v,
+                        in_k);
+          if constexpr (!DENSE)
+            cp_async_16(m_sm_w + st * L::kMStage + (kk * G + gr) * 64, m_grp[gr] + (s0 + kk) * 4, in_k && meta_lane);
         }
       }
     }
@@ -599,23 +647,23 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   bool state[G][2] = {};  // 1:2:V+2:4: output row parity bank 0 holds (see select_banks)
   const int run_begin = blk_begin * KB;  // this split's k-steps are [run_begin, run_end)
   const int run_end = min(blk_end * KB, S);
-  const int rows_per_group = num_mtiles * 16;
   const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
-  const uint8_t* rs_base[G][2] = {};
   // Row selection of the next chunk, loaded one chunk ahead so its latency hides behind a chunk of MMAs.
   uint8_t rs_next[G][2] = {};
-  if constexpr (SAMOYEDS) {
+  // rowsel of (group gr, row half h) and chunk c: rs_base[c + gr * rs_group + h * rs_half]
+  const uint8_t* rs_base = nullptr;
+  const int rs_group = num_mtiles * 16 * chunks, rs_half = 8 * chunks;
+  auto load_rowsel = [&](int chunk) {
+    const uint8_t* p = rs_base + chunk;
 #pragma unroll
     for (int gr = 0; gr < G; ++gr)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        rs_base[gr][h] = rowsel + (static_cast<long long>(expert) * G * rows_per_group + gr * rows_per_group +
-                                   (active ? mt : 0) * 16 + g + 8 * h) * chunks;
-        if (run_begin < run_end) rs_next[gr][h] = __ldg(rs_base[gr][h] + (run_begin >> chunk_shift));
-      }
+      for (int h = 0; h < 2; ++h) rs_next[gr][h] = __ldg(p + (gr * rs_group + h * rs_half));
+  };
+  if constexpr (SAMOYEDS) {
+    rs_base = rowsel + (static_cast<long long>(expert) * G * num_mtiles * 16 + (active ? mt : 0) * 16 + g) * chunks;
+    if (run_begin < run_end) load_rowsel(run_begin >> chunk_shift);
   }
-  // ldmatrix.x4 source of this lane: matrix i = lane / 8 (k offset 8i), row lane % 8 (token) of an n-tile.
-  const int lm_row = lane & 7, lm_col = 8 * (lane >> 3);
 
 #pragma unroll
   for (int p = 0; p < STAGES - 1; ++p) {
@@ -636,9 +684,12 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
     }
     st_load = st_load + 1 == STAGES ? 0 : st_load + 1;
     if (active) {
+      const uint32_t a_st = a_sm + st * L::kAStage, m_st = m_sm_r + st * L::kMStage;
+      const uint32_t b_st = b_sm_r + st * L::kBStage;
+      const int s0 = (blk_begin + blk) * KB;
 #pragma unroll
       for (int kk = 0; kk < KB; ++kk) {
-        const int s = (blk_begin + blk) * KB + kk;
+        const int s = s0 + kk;
         if (s >= S) break;
         if constexpr (SAMOYEDS) {
           if (s == run_begin || (s & ((1 << chunk_shift) - 1)) == 0) {
@@ -647,32 +698,27 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
             for (int gr = 0; gr < G; ++gr)
 #pragma unroll
               for (int h = 0; h < 2; ++h) want[gr][h] = rs_next[gr][h] != 0;
-            select_banks<G, NT>(acc, state, want);
+            select_banks<G, NT>(acc, state, want, nt_active);
             const int next = (s >> chunk_shift) + 1;
-            if ((next << chunk_shift) < run_end) {
-#pragma unroll
-              for (int gr = 0; gr < G; ++gr)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) rs_next[gr][h] = __ldg(rs_base[gr][h] + next);
-            }
+            if ((next << chunk_shift) < run_end) load_rowsel(next);
           }
         }
         uint4 a[G], a_hi[G];
         uint32_t meta[G];
 #pragma unroll
         for (int gr = 0; gr < G; ++gr) {
-          a[gr] = as[st][warp][kk][gr][0][lane];
+          a[gr] = lds_128(a_st + (kk * G + gr) * AV * 512);
           if constexpr (DENSE) {
-            a_hi[gr] = as[st][warp][kk][gr][AV - 1][lane];
+            a_hi[gr] = lds_128(a_st + ((kk * G + gr) * AV + 1) * 512);
           } else {
-            meta[gr] = ms[st][warp][kk][gr][2 * g + (t & 1)];
+            meta[gr] = lds_32(m_st + (kk * G + gr) * 64);
           }
         }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           if (nt < nt_active) {  // B fragment loaded right before its MMAs: 4 live registers, not 4 * NT
             uint32_t b[4];
-            ldmatrix_x4(b, &bs[st][nt * 8 + lm_row][kk * 32 + lm_col]);
+            ldmatrix_x4(b, b_st + nt * 8 * L::kRow + kk * 32 * sizeof(T));
 #pragma unroll
             for (int gr = 0; gr < G; ++gr) {
               if constexpr (DENSE) {  // k 0..15 of the step from b0, b1; k 16..31 from b2, b3
@@ -692,7 +738,7 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   void* dst = (G == 1) ? static_cast<void*>(static_cast<float*>(out) + static_cast<long long>(blockIdx.z) * num_pairs * out_ld)
                        : out;
   if (active)
-    store_epilogue<T, G, NT, SAMOYEDS>(acc, state, nt_active, tile, mt, g, t, sorted_pairs, topk_weights, dst,
+    store_epilogue<T, G, NT, SAMOYEDS>(acc, state, nt_active, tile * BN, mt, g, t, sorted_pairs, topk_weights, dst,
                                        out_ld);
 }
 
@@ -711,12 +757,19 @@ __global__ void moe_combine_kernel(const float* __restrict__ slot_out,     // [s
   const long long split_stride = static_cast<long long>(num_tokens) * topk * hidden;
   float sum[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   for (int z = 0; z < splits; ++z) {
+    // Unrolled with predicated loads (no branch per slot), so the slots' loads are in flight together:
+    // decode is latency-bound here.
+#pragma unroll 4
     for (int j = 0; j < topk; ++j) {
       const int pair = token * topk + j;
-      if (pair_expert[pair] < 0) continue;
+      const bool mine = __ldg(pair_expert + pair) >= 0;  // another rank's expert: no row was written
       const float4* src =
           reinterpret_cast<const float4*>(slot_out + z * split_stride + static_cast<long long>(pair) * hidden + col);
-      const float4 lo = src[0], hi = src[1];
+      float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
+      if (mine) {
+        lo = src[0];
+        hi = src[1];
+      }
       sum[0] += lo.x; sum[1] += lo.y; sum[2] += lo.z; sum[3] += lo.w;
       sum[4] += hi.x; sum[5] += hi.y; sum[6] += hi.z; sum[7] += hi.w;
     }

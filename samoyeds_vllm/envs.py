@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import shlex
 
-__all__ = ["build_dir", "cuda_kernels_disabled", "verbose_build"]
+__all__ = ["build_dir", "cuda_kernels_disabled", "extra_nvcc_flags", "verbose_build"]
 
 # Read by the CUDA launcher itself (csrc/moe_dual_sparse.cu), once per process, for tuning runs:
-#   SAMOYEDS_TOKEN_TILE=8|16|32|64  force the token tile BN instead of the tokens-per-expert rule
-#                                   (1:2:V+2:4 caps it at 32)
+#   SAMOYEDS_TOKEN_TILE=8|16|32|48|64  force the token tile BN instead of the tokens-per-expert rule (48 and 64
+#                                      both mean the wide tile: 64 tokens for 2:4, 48 for 1:2:V+2:4)
 
 
 def cuda_kernels_disabled() -> bool:
@@ -24,3 +25,9 @@ def build_dir() -> str | None:
 def verbose_build() -> bool:
     """``SAMOYEDS_VERBOSE_BUILD=1``: print the compiler command lines of the JIT build."""
     return os.environ.get("SAMOYEDS_VERBOSE_BUILD", "0") == "1"
+
+
+def extra_nvcc_flags() -> list[str]:
+    """``SAMOYEDS_EXTRA_NVCC_FLAGS``: extra nvcc flags for the JIT build (tuning sweeps, e.g. pipeline shapes
+    ``-DSAMOYEDS_PIPE_SAMOYEDS=4,2,4``, see csrc/moe_dual_sparse.cu); use with its own SAMOYEDS_BUILD_DIR."""
+    return shlex.split(os.environ.get("SAMOYEDS_EXTRA_NVCC_FLAGS", ""))

@@ -47,6 +47,7 @@ def load_cuda_kernels() -> bool:
         return False
     arch = f"{major}{minor}a" if major >= 9 else f"{major}{minor}"
     flags = ["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "--use_fast_math", "-lineinfo"]
+    flags += envs.extra_nvcc_flags()
     build_directory = envs.build_dir()
     try:
         if build_directory is not None:  # torch's loader expects the directory to exist
