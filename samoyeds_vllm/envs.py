@@ -8,8 +8,8 @@ import shlex
 __all__ = ["build_dir", "cuda_kernels_disabled", "extra_nvcc_flags", "verbose_build"]
 
 # Read by the CUDA launcher itself (csrc/moe_dual_sparse.cu), once per process, for tuning runs:
-#   SAMOYEDS_TOKEN_TILE=8|16|32|48|64  force the token tile BN instead of the tokens-per-expert rule (48 and 64
-#                                      both mean the wide tile: 64 tokens for 2:4, 48 for 1:2:V+2:4)
+#   SAMOYEDS_TOKEN_TILE=8|16|32|64  force the token tile BN instead of the tokens-per-expert rule
+#                                   (1:2:V+2:4 caps it at 32)
 
 
 def cuda_kernels_disabled() -> bool:
