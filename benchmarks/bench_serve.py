@@ -3,9 +3,9 @@
 Each variant runs in its own engine subprocess under a timeout (an engine does not give its GPU memory back),
 with CUDA graphs on (captured for exactly the batch sizes measured), prefix caching off, fixed-length random
 token prompts and a fixed output length (``ignore_eos``). Per batch size it warms up once with a full-length
-generation (prefill and decode shapes, Triton JITs), then times ``--repeats`` (default 3) pairs of a 1-token
-generation (prefill) and a full generation, and takes medians; decode time is the difference of the medians
-(recorded as null where it is not positive):
+and once with a 1-token generation (prefill and decode shapes, Triton JITs), then times ``--repeats``
+(default 3) pairs of a 1-token generation (prefill) and a full generation, and takes medians; decode time
+is the difference of the medians (recorded as null where it is not positive):
 
     decode_tok_s = batch * (output_len - 1) / (t_full - t_prefill),   tpot_ms = (t_full - t_prefill) / (output_len - 1)
 
@@ -183,9 +183,11 @@ def _worker(args: argparse.Namespace) -> int:
 
     for batch in args.batches:
         prompts = _random_prompts(batch, args.prompt_len, vocab, seed=batch)
-        # Warm-up at this batch size with the full output length: the first run of a new shape may JIT-compile
-        # (vLLM's Triton MoE configs), which must not land in a timed run.
+        # Warm-up at this batch size with both timed lengths: the first run of a new shape may JIT-compile
+        # (vLLM's Triton MoE kernels), which must not land in a timed run (seen at TP=2: a 3.4 s stall inside
+        # the first 1-token run after a full-length-only warm-up).
         llm.generate(prompts, params(args.output_len), use_tqdm=False)
+        llm.generate(prompts, params(1), use_tqdm=False)
         prefill, full = [], []
         for _ in range(args.repeats):
             begin = time.perf_counter()
@@ -416,6 +418,24 @@ def _report_base(model: str, args, results: list[dict]) -> dict:
     }
 
 
+def summary(results: list[dict]) -> str:
+    """Plain-text summary of the variants' results (a batch whose decode time was not measurable shows n/a)."""
+    lines = []
+    for r in results:
+        lines.append(
+            f"{r['variant']:<14} {r['status']:<10} init {r.get('engine_init_s')} s  KV {r.get('kv_cache_tokens')} "
+            f"tokens  weights {r.get('weight_gib')} GiB  kernel {r.get('samoyeds_kernel')}"
+        )
+        for run in r.get("runs", []):
+            if run["decode_tok_s"] is None:  # recorded as null by the worker
+                lines.append(f"    batch {run['batch']:<4} {'n/a':>10} tok/s  TPOT n/a")
+            else:
+                lines.append(
+                    f"    batch {run['batch']:<4} {run['decode_tok_s']:>10.1f} tok/s  TPOT {run['tpot_ms']:.2f} ms"
+                )
+    return "\n".join(lines)
+
+
 def _throughput(model: str, variants: list[dict], args) -> int:
     begin = time.monotonic()
     results: list[dict] = []
@@ -449,13 +469,7 @@ def _throughput(model: str, variants: list[dict], args) -> int:
             if args.out is not None:
                 name = f"serve_{model}" + (f"_tp{args.tp}" if args.tp > 1 else "")
                 path = write_result(args.out, name, _file_tag(results), report)
-    for r in results:
-        print(
-            f"{r['variant']:<14} {r['status']:<10} init {r.get('engine_init_s')} s  KV {r.get('kv_cache_tokens')} "
-            f"tokens  weights {r.get('weight_gib')} GiB  kernel {r.get('samoyeds_kernel')}"
-        )
-        for run in r.get("runs", []):
-            print(f"    batch {run['batch']:<4} {run['decode_tok_s']:>10.1f} tok/s  TPOT {run['tpot_ms']:.2f} ms")
+    print(summary(results))
     if path is not None and args.plot:
         try:
             import plot_serve

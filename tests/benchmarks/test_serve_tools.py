@@ -146,3 +146,24 @@ def test_bench_serve_end_to_end_on_cpu(tmp_path: Path) -> None:
         assert run["decode_tok_s"] > 0 and run["tpot_ms"] > 0 and run["kv_cache_tokens"] > 0
     (variant,) = result["variants"]
     assert variant["status"] == "ok" and variant["samoyeds_kernel"] == "reference"  # CPU: the exact reference
+
+
+def test_summary_prints_an_unmeasurable_decode_time_as_na() -> None:
+    """A batch recorded with a null decode time (a stall inside the 1-token run) must not break the summary."""
+    results = [
+        {
+            "variant": "dense_stock",
+            "status": "ok",
+            "engine_init_s": 78.4,
+            "kv_cache_tokens": 1940048,
+            "weight_gib": 28.46,
+            "samoyeds_kernel": None,
+            "runs": [
+                {"batch": 32, "decode_tok_s": None, "tpot_ms": None},
+                {"batch": 64, "decode_tok_s": 5418.4, "tpot_ms": 11.812},
+            ],
+        }
+    ]
+    text = bench_serve.summary(results).splitlines()
+    assert text[1].split() == ["batch", "32", "n/a", "tok/s", "TPOT", "n/a"]
+    assert text[2].split() == ["batch", "64", "5418.4", "tok/s", "TPOT", "11.81", "ms"]
