@@ -91,8 +91,7 @@ void launch_pipelined(const GemmArgs& a, int splits, cudaStream_t stream, const 
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   TORCH_CHECK(configured == cudaSuccess, "samoyeds MoE kernels: cannot reserve ", smem,
               " bytes of shared memory for ", what, ": ", cudaGetErrorString(configured));
-  constexpr int mtiles_per_cta = C::kWarps * (kernel_streams<G, DENSE>() / G);  // w2: two m-tiles per warp
-  const dim3 grid(a.max_tiles, (a.num_mtiles + mtiles_per_cta - 1) / mtiles_per_cta, splits);
+  const dim3 grid(a.max_tiles, (a.num_mtiles + C::kWarps - 1) / C::kWarps, splits);
   kernel<<<grid, C::kWarps * 32, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
                                                  static_cast<const uint32_t*>(a.meta), a.rowsel, a.sorted_pairs,
                                                  a.tile_expert, a.num_tiles, a.topk_weights, a.out, a.K,
@@ -140,9 +139,8 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   int splits = 1;
   if (pipelined2) {
     using C = PipeConfig<SAMOYEDS, DENSE>;
-    constexpr int mtiles_per_cta = C::kWarps * kernel_streams<1, DENSE>();
     const int total_blk = (inter / 32 + C::kBlock - 1) / C::kBlock;
-    const int ctas = max_tiles * ((mt2 + mtiles_per_cta - 1) / mtiles_per_cta);
+    const int ctas = max_tiles * ((mt2 + C::kWarps - 1) / C::kWarps);
     int sms = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device());
     splits = std::max(1, std::min({8, total_blk * C::kBlock / 64, (16 * sms + ctas - 1) / ctas}));
