@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <type_traits>
 
@@ -25,6 +26,17 @@ namespace {
     TORCH_CHECK(err == cudaSuccess, "samoyeds::moe_sparse_prepacked: launch of ", kernel, " failed: ",      \
                 cudaGetErrorString(err));                                                                  \
   } while (0)
+
+// The kernels move activations, values and metadata with 16-byte loads and copies: their base addresses must
+// be 16-byte aligned (row strides are multiples of 64 bytes). Weights come from ops.prepare_moe_weights (fresh
+// allocations); an activation view at an odd offset is copied.
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+at::Tensor contiguous_aligned(const at::Tensor& x) {
+  at::Tensor c = x.contiguous();
+  return aligned16(c) ? c : c.clone();
+}
+#define SAMOYEDS_CHECK_ALIGNED(op, t, name) \
+  TORCH_CHECK(aligned16(t), "samoyeds::", op, ": ", name, " must be 16-byte aligned (prepare_moe_weights allocates it so)")
 
 // Arguments shared by both GEMM kernels (see moe_dual_sparse_sm80.cuh for units and layouts).
 struct GemmArgs {
@@ -60,11 +72,11 @@ int forced_token_tile() {
 // Pipelined-kernel configuration per pattern, from two H200 sweeps (warps x k-steps per stage x stages; bf16,
 // Mixtral-8x7B and Qwen3-30B-A3B shapes at 8-512 tokens; docs/PERFORMANCE.md):
 //   2:4        8 warps x KB 2 x 4 stages: 8 m-tiles share each token stage (half the token traffic per weight
-//              byte of 4 warps), 16 warps per SM. 4x2x4, 8x4x3 and 8x2x5 were within 3% at 8-64 tokens and
+//              byte of 4 warps), 16 warps per SM. 4x2x4, 8x4x3 and 8x2x5 were within 3.5% at 8-64 tokens and
 //              6-19% slower at 128 (Mixtral).
 //   1:2:V+2:4  4 warps x KB 4 x 2 stages: 54 KB per CTA, four CTAs (16 warps) per SM. Occupancy beat depth:
-//              at 32-128 tokens (Mixtral) 7-30% faster than 4x4x3 (two CTAs per SM), 4x2x4, 8x2x4, 8x4x2
-//              and 4x2x2.
+//              at 32-128 tokens (Mixtral) 7-29% faster than 4x4x3 (two CTAs per SM), 4x2x4 and 8x2x4; at
+//              32-64 tokens (another run) 11-16% faster than 8x4x2 and 19-23% faster than 4x2x2.
 //   dense      (fusion control, moe_dense_prepacked) 4 warps x KB 2 x 4 stages: twice the weight bytes per
 //              stage of 2:4; not tuned beyond fitting two CTAs per SM.
 // Tuning sweeps override the shapes at build time (SAMOYEDS_EXTRA_NVCC_FLAGS, samoyeds_vllm/envs.py) as three
@@ -206,7 +218,7 @@ void dispatch_tiles(double pairs_per_expert, const at::Tensor& x, const at::Tens
   // Wide tiles: 64 tokens for 2:4. 1:2:V+2:4 stays at 32 and lets the busiest experts overflow into a second
   // tile: its two accumulator banks make 64-token tiles need ~250 registers, and the alternatives measured
   // slower at 128 tokens on Mixtral (H200): 48-token tiles (168 registers, three CTAs per SM) by 6%, two warps
-  // per m-tile splitting a 64-token tile by 25%.
+  // per m-tile splitting a 64-token tile by 26%.
   auto run_wide = [&] {
     if constexpr (SAMOYEDS) {
       run(std::integral_constant<int, 4>{});
@@ -255,10 +267,14 @@ at::Tensor moe_sparse_prepacked_cuda(const at::Tensor& x, const at::Tensor& topk
     SAMOYEDS_CHECK_CUDA_TENSOR(*w13_rowsel, "w13_rowsel");
     SAMOYEDS_CHECK_CUDA_TENSOR(*w2_rowsel, "w2_rowsel");
   }
+  SAMOYEDS_CHECK_ALIGNED("moe_sparse_prepacked", w13_values, "w13_values");
+  SAMOYEDS_CHECK_ALIGNED("moe_sparse_prepacked", w13_meta, "w13_meta");
+  SAMOYEDS_CHECK_ALIGNED("moe_sparse_prepacked", w2_values, "w2_values");
+  SAMOYEDS_CHECK_ALIGNED("moe_sparse_prepacked", w2_meta, "w2_meta");
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   if (x.size(0) == 0) return out;
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = contiguous_aligned(x);
   const at::Tensor ids = topk_ids.contiguous();
   const at::Tensor* rs13 = w13_rowsel ? &*w13_rowsel : nullptr;
   const at::Tensor* rs2 = w2_rowsel ? &*w2_rowsel : nullptr;
@@ -296,10 +312,12 @@ at::Tensor moe_dense_prepacked_cuda(const at::Tensor& x, const at::Tensor& topk_
   SAMOYEDS_CHECK_CUDA_TENSOR(w2_values, "w2_values");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "samoyeds::moe_dense_prepacked: the CUDA kernel takes bf16 or fp16 activations, got ", x.scalar_type());
+  SAMOYEDS_CHECK_ALIGNED("moe_dense_prepacked", w13_values, "w13_values");
+  SAMOYEDS_CHECK_ALIGNED("moe_dense_prepacked", w2_values, "w2_values");
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   if (x.size(0) == 0) return out;
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = contiguous_aligned(x);
   const at::Tensor ids = topk_ids.contiguous();
   at::Tensor map;
   if (expert_map) map = expert_map->to(at::kInt).contiguous();

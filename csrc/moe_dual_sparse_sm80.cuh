@@ -477,7 +477,7 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
 //               weights [WARPS][KB][G][32 lanes] x 16 B,  metadata [WARPS][KB][G][16] x 4 B
 // ---------------------------------------------------------------------------------------------------------
 // Shared-memory access by 32-bit shared-window address: every ring address of a thread is one base register
-// plus a compile-time offset (stage, k-step, n-tile), so the hot loop does no address arithmetic.
+// plus a compile-time offset (k-step, n-tile, copy) and one add per k-block for the ring slot.
 __device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
@@ -547,6 +547,8 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
                             int num_pairs) {  // G=1: slot_out is [gridDim.z, num_pairs, out_ld]
   using L = PipeSmem<T, G, NT, WARPS, KB, DENSE>;
   constexpr int BN = NT * 8;
+  static_assert(WARPS * 32 >= BN && KB >= 1 && STAGES >= 2, "pipeline shape: the token-row table needs a thread "
+                "per row, a stage at least one k-step, the ring two stages");
   constexpr int KBLK = 32 * KB;  // k per stage
   constexpr int AV = L::kAV;
   constexpr int THREADS = WARPS * 32;

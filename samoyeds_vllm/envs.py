@@ -29,5 +29,5 @@ def verbose_build() -> bool:
 
 def extra_nvcc_flags() -> list[str]:
     """``SAMOYEDS_EXTRA_NVCC_FLAGS``: extra nvcc flags for the JIT build (tuning sweeps, e.g. pipeline shapes
-    ``-DSAMOYEDS_PIPE_SAMOYEDS=4,2,4``, see csrc/moe_dual_sparse.cu); use with its own SAMOYEDS_BUILD_DIR."""
+    ``-DSAMOYEDS_PIPE_SAMOYEDS=424``, see csrc/moe_dual_sparse.cu); use with its own SAMOYEDS_BUILD_DIR."""
     return shlex.split(os.environ.get("SAMOYEDS_EXTRA_NVCC_FLAGS", ""))

@@ -116,6 +116,22 @@ def test_kernel_matches_reference_decode_to_prefill(pattern, n_tokens):
     _run_case(pattern, torch.bfloat16, n_tokens, 8, 2, 1024, 1408 if pattern != "1:2:256+2:4" else 1280, "uniform", 7)
 
 
+@pytest.mark.parametrize(
+    ("pattern", "n_tokens", "hidden", "inter"),
+    [
+        ("1:2:64+2:4", 64, 704, 704),  # 22 k-steps: partial last k-block with a chunk start inside it
+        ("1:2:64+2:4", 8, 704, 704),  # the same on the decode tile
+        ("2:4", 128, 256, 4128),  # w2: 129 k-steps split over grid.z, the last split ending in a partial block
+        ("1:2:32+2:4", 128, 256, 4128),
+        ("2:4", 8, 256, 4128),  # w2 on the split-K decode kernel (K >= 2048): its last k-block is partial
+        ("1:2:32+2:4", 8, 256, 4128),
+    ],
+)
+def test_kernel_matches_reference_k_tails(pattern, n_tokens, hidden, inter):
+    """K not a multiple of the pipeline's k-block, alone and with K splits (I / TP = 704 occurs in practice)."""
+    _run_case(pattern, torch.bfloat16, n_tokens, 8, 2, hidden, inter, "uniform", 5)
+
+
 @pytest.mark.parametrize("pattern", ["2:4", "1:2:128+2:4"])
 def test_kernel_expert_parallel_map(pattern):
     _run_case(pattern, torch.bfloat16, 33, 8, 4, 512, 768, "uniform", 11, expert_map=True)
@@ -172,6 +188,7 @@ def test_nan_input_stays_in_its_token():
         (33, 8, 2, 512, 768, "one_expert"),
         (300, 64, 8, 256, 256, "uniform"),
         (2048, 8, 2, 1024, 1408, "uniform"),
+        (40, 8, 2, 352, 416, "uniform"),  # K tails in both GEMMs
     ],
 )
 def test_dense_control_matches_reference(dtype, n_tokens, n_exp, topk, hidden, inter, routing):
