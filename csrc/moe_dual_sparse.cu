@@ -35,6 +35,22 @@ at::Tensor contiguous_aligned(const at::Tensor& x) {
   at::Tensor c = x.contiguous();
   return aligned16(c) ? c : c.clone();
 }
+// The routing inputs both ops hand to dispatch_tiles, in the layout the kernels read.
+struct RoutingInputs {
+  at::Tensor x, ids, map;  // contiguous (x 16-byte aligned), int32 expert map or undefined
+  const at::Tensor* map_ptr;
+  double pairs_per_expert;  // T * k / E_local: picks the token tile
+  RoutingInputs(const at::Tensor& x_in, const at::Tensor& topk_ids, const std::optional<at::Tensor>& expert_map,
+                int64_t num_experts)
+      : x(contiguous_aligned(x_in)),
+        ids(topk_ids.contiguous()),
+        map(expert_map ? expert_map->to(at::kInt).contiguous() : at::Tensor()),
+        map_ptr(expert_map ? &map : nullptr),
+        pairs_per_expert(static_cast<double>(x_in.size(0)) * topk_ids.size(1) / num_experts) {}
+  RoutingInputs(const RoutingInputs&) = delete;  // map_ptr points into this object
+  RoutingInputs& operator=(const RoutingInputs&) = delete;
+};
+
 #define SAMOYEDS_CHECK_ALIGNED(op, t, name) \
   TORCH_CHECK(aligned16(t), "samoyeds::", op, ": ", name, " must be 16-byte aligned (prepare_moe_weights allocates it so)")
 
@@ -274,29 +290,24 @@ at::Tensor moe_sparse_prepacked_cuda(const at::Tensor& x, const at::Tensor& topk
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   if (x.size(0) == 0) return out;
-  const at::Tensor xc = contiguous_aligned(x);
-  const at::Tensor ids = topk_ids.contiguous();
+  const RoutingInputs r(x, topk_ids, expert_map, w13_values.size(0));
   const at::Tensor* rs13 = w13_rowsel ? &*w13_rowsel : nullptr;
   const at::Tensor* rs2 = w2_rowsel ? &*w2_rowsel : nullptr;
-  at::Tensor map;
-  if (expert_map) map = expert_map->to(at::kInt).contiguous();
-  const at::Tensor* map_ptr = expert_map ? &map : nullptr;
-  const double pairs_per_expert = static_cast<double>(x.size(0)) * topk_ids.size(1) / w13_values.size(0);
   const int c = static_cast<int>(chunk);
   if (x.scalar_type() == at::kBFloat16) {
     if (samoyeds)
-      dispatch_tiles<__nv_bfloat16, true>(pairs_per_expert, xc, topk_weights, ids, w13_values, w13_meta, rs13,
-                                          w2_values, w2_meta, rs2, c, map_ptr, out);
+      dispatch_tiles<__nv_bfloat16, true>(r.pairs_per_expert, r.x, topk_weights, r.ids, w13_values, w13_meta, rs13,
+                                          w2_values, w2_meta, rs2, c, r.map_ptr, out);
     else
-      dispatch_tiles<__nv_bfloat16, false>(pairs_per_expert, xc, topk_weights, ids, w13_values, w13_meta,
-                                           rs13, w2_values, w2_meta, rs2, c, map_ptr, out);
+      dispatch_tiles<__nv_bfloat16, false>(r.pairs_per_expert, r.x, topk_weights, r.ids, w13_values, w13_meta,
+                                           rs13, w2_values, w2_meta, rs2, c, r.map_ptr, out);
   } else {
     if (samoyeds)
-      dispatch_tiles<__half, true>(pairs_per_expert, xc, topk_weights, ids, w13_values, w13_meta, rs13,
-                                   w2_values, w2_meta, rs2, c, map_ptr, out);
+      dispatch_tiles<__half, true>(r.pairs_per_expert, r.x, topk_weights, r.ids, w13_values, w13_meta, rs13,
+                                   w2_values, w2_meta, rs2, c, r.map_ptr, out);
     else
-      dispatch_tiles<__half, false>(pairs_per_expert, xc, topk_weights, ids, w13_values, w13_meta, rs13,
-                                    w2_values, w2_meta, rs2, c, map_ptr, out);
+      dispatch_tiles<__half, false>(r.pairs_per_expert, r.x, topk_weights, r.ids, w13_values, w13_meta, rs13,
+                                    w2_values, w2_meta, rs2, c, r.map_ptr, out);
   }
   return out;
 }
@@ -317,19 +328,14 @@ at::Tensor moe_dense_prepacked_cuda(const at::Tensor& x, const at::Tensor& topk_
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   if (x.size(0) == 0) return out;
-  const at::Tensor xc = contiguous_aligned(x);
-  const at::Tensor ids = topk_ids.contiguous();
-  at::Tensor map;
-  if (expert_map) map = expert_map->to(at::kInt).contiguous();
-  const at::Tensor* map_ptr = expert_map ? &map : nullptr;
-  const double pairs_per_expert = static_cast<double>(x.size(0)) * topk_ids.size(1) / w13_values.size(0);
+  const RoutingInputs r(x, topk_ids, expert_map, w13_values.size(0));
   // The metadata arguments are not read on the dense path (see launch_moe).
   if (x.scalar_type() == at::kBFloat16)
-    dispatch_tiles<__nv_bfloat16, false, true>(pairs_per_expert, xc, topk_weights, ids, w13_values, w13_values,
-                                               nullptr, w2_values, w2_values, nullptr, 0, map_ptr, out);
+    dispatch_tiles<__nv_bfloat16, false, true>(r.pairs_per_expert, r.x, topk_weights, r.ids, w13_values, w13_values,
+                                               nullptr, w2_values, w2_values, nullptr, 0, r.map_ptr, out);
   else
-    dispatch_tiles<__half, false, true>(pairs_per_expert, xc, topk_weights, ids, w13_values, w13_values, nullptr,
-                                        w2_values, w2_values, nullptr, 0, map_ptr, out);
+    dispatch_tiles<__half, false, true>(r.pairs_per_expert, r.x, topk_weights, r.ids, w13_values, w13_values,
+                                        nullptr, w2_values, w2_values, nullptr, 0, r.map_ptr, out);
   return out;
 }
 
