@@ -537,8 +537,15 @@ constexpr int pipelined_smem_bytes() {
   return static_cast<int>(PipeSmem<T, G, NT, WARPS, KB, DENSE>::template bytes<STAGES>());
 }
 
+// Below sm_90 ptxas capped the 2:4 w2 kernel (8 warps, 64-token tile) at 64 registers with an 8-byte spill unless
+// told that one CTA per SM is acceptable; the sm_90a build (the one measured) keeps ptxas's own choice.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define SAMOYEDS_PIPELINED_MIN_BLOCKS , 1
+#else
+#define SAMOYEDS_PIPELINED_MIN_BLOCKS
+#endif
 template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS, bool DENSE = false>
-__global__ void __launch_bounds__(WARPS * 32)
+__global__ void __launch_bounds__(WARPS * 32 SAMOYEDS_PIPELINED_MIN_BLOCKS)
 moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues,
                             const uint32_t* __restrict__ kmeta, const uint8_t* __restrict__ rowsel,
                             const int32_t* __restrict__ sorted_pairs, const int32_t* __restrict__ tile_expert,
