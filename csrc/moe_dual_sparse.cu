@@ -51,6 +51,20 @@ struct RoutingInputs {
   RoutingInputs& operator=(const RoutingInputs&) = delete;
 };
 
+// Calls f with a tag whose ::type is the CUDA element type of x (bf16 or fp16; the ops check which).
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+template <typename F>
+void with_activation_type(const at::Tensor& x, F&& f) {
+  if (x.scalar_type() == at::kBFloat16) {
+    f(TypeTag<__nv_bfloat16>{});
+  } else {
+    f(TypeTag<__half>{});
+  }
+}
+
 #define SAMOYEDS_CHECK_ALIGNED(op, t, name) \
   TORCH_CHECK(aligned16(t), "samoyeds::", op, ": ", name, " must be 16-byte aligned (prepare_moe_weights allocates it so)")
 
@@ -218,18 +232,18 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
 }
 
 template <typename T, bool SAMOYEDS, bool DENSE = false>
-void dispatch_tiles(double pairs_per_expert, const at::Tensor& x, const at::Tensor& topk_weights,
-                    const at::Tensor& topk_ids, const at::Tensor& w13_values, const at::Tensor& w13_meta,
-                    const at::Tensor* w13_rowsel, const at::Tensor& w2_values, const at::Tensor& w2_meta,
-                    const at::Tensor* w2_rowsel, int chunk, const at::Tensor* expert_map, at::Tensor& out) {
+void dispatch_tiles(const RoutingInputs& r, const at::Tensor& topk_weights, const at::Tensor& w13_values,
+                    const at::Tensor& w13_meta, const at::Tensor* w13_rowsel, const at::Tensor& w2_values,
+                    const at::Tensor& w2_meta, const at::Tensor* w2_rowsel, int chunk, at::Tensor& out) {
+  const double pairs_per_expert = r.pairs_per_expert;
   // BN = 8 (split-K decode kernel) while an expert almost surely gets <= 8 pairs (mean + 2 sd of a Poisson
   // count). Wider tiles skip their empty n-tiles at run time, so a tile is sized for the busiest expert
   // (mean + 3 sd): an expert that overflows a tile reads all of its weights again.
   const double sd = std::sqrt(pairs_per_expert);
   const double busiest = pairs_per_expert + 3.0 * sd;
   auto run = [&](auto nt) {
-    launch_moe<T, decltype(nt)::value, SAMOYEDS, DENSE>(x, topk_weights, topk_ids, w13_values, w13_meta, w13_rowsel,
-                                                 w2_values, w2_meta, w2_rowsel, chunk, expert_map, out);
+    launch_moe<T, decltype(nt)::value, SAMOYEDS, DENSE>(r.x, topk_weights, r.ids, w13_values, w13_meta, w13_rowsel,
+                                                 w2_values, w2_meta, w2_rowsel, chunk, r.map_ptr, out);
   };
   // Wide tiles: 64 tokens for 2:4. 1:2:V+2:4 stays at 32 and lets the busiest experts overflow into a second
   // tile: its two accumulator banks make 64-token tiles need ~250 registers, and the alternatives measured
@@ -294,21 +308,13 @@ at::Tensor moe_sparse_prepacked_cuda(const at::Tensor& x, const at::Tensor& topk
   const at::Tensor* rs13 = w13_rowsel ? &*w13_rowsel : nullptr;
   const at::Tensor* rs2 = w2_rowsel ? &*w2_rowsel : nullptr;
   const int c = static_cast<int>(chunk);
-  if (x.scalar_type() == at::kBFloat16) {
+  with_activation_type(x, [&](auto type) {
+    using T = typename decltype(type)::type;
     if (samoyeds)
-      dispatch_tiles<__nv_bfloat16, true>(r.pairs_per_expert, r.x, topk_weights, r.ids, w13_values, w13_meta, rs13,
-                                          w2_values, w2_meta, rs2, c, r.map_ptr, out);
+      dispatch_tiles<T, true>(r, topk_weights, w13_values, w13_meta, rs13, w2_values, w2_meta, rs2, c, out);
     else
-      dispatch_tiles<__nv_bfloat16, false>(r.pairs_per_expert, r.x, topk_weights, r.ids, w13_values, w13_meta,
-                                           rs13, w2_values, w2_meta, rs2, c, r.map_ptr, out);
-  } else {
-    if (samoyeds)
-      dispatch_tiles<__half, true>(r.pairs_per_expert, r.x, topk_weights, r.ids, w13_values, w13_meta, rs13,
-                                   w2_values, w2_meta, rs2, c, r.map_ptr, out);
-    else
-      dispatch_tiles<__half, false>(r.pairs_per_expert, r.x, topk_weights, r.ids, w13_values, w13_meta, rs13,
-                                    w2_values, w2_meta, rs2, c, r.map_ptr, out);
-  }
+      dispatch_tiles<T, false>(r, topk_weights, w13_values, w13_meta, rs13, w2_values, w2_meta, rs2, c, out);
+  });
   return out;
 }
 
@@ -330,12 +336,11 @@ at::Tensor moe_dense_prepacked_cuda(const at::Tensor& x, const at::Tensor& topk_
   if (x.size(0) == 0) return out;
   const RoutingInputs r(x, topk_ids, expert_map, w13_values.size(0));
   // The metadata arguments are not read on the dense path (see launch_moe).
-  if (x.scalar_type() == at::kBFloat16)
-    dispatch_tiles<__nv_bfloat16, false, true>(r.pairs_per_expert, r.x, topk_weights, r.ids, w13_values, w13_values,
-                                               nullptr, w2_values, w2_values, nullptr, 0, r.map_ptr, out);
-  else
-    dispatch_tiles<__half, false, true>(r.pairs_per_expert, r.x, topk_weights, r.ids, w13_values, w13_values,
-                                        nullptr, w2_values, w2_values, nullptr, 0, r.map_ptr, out);
+  with_activation_type(x, [&](auto type) {
+    using T = typename decltype(type)::type;
+    dispatch_tiles<T, false, true>(r, topk_weights, w13_values, w13_values, nullptr, w2_values, w2_values, nullptr, 0,
+                                   out);
+  });
   return out;
 }
 
