@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "moe_dual_sparse_sm80.cuh"
+#include "moe_wgmma_sp_sm90.cuh"
 
 namespace samoyeds {
 namespace {
@@ -156,9 +157,38 @@ void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t str
   SAMOYEDS_CHECK_LAUNCH(what);
 }
 
+// Hopper prefill path (moe_wgmma_sp_sm90.cuh, 2:4): one warpgroup per 64 stored rows x 64 tokens.
+template <typename T, int G>
+void launch_wgmma(const GemmArgs& a, int splits, cudaStream_t stream, const char* what) {
+  constexpr auto kernel = moe_wgmma_sp_kernel<T, G>;
+  constexpr int smem = WgSmem<T, G>::bytes();
+  static const cudaError_t configured =  // once per instantiation, before any graph capture
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  TORCH_CHECK(configured == cudaSuccess, "samoyeds MoE kernels: cannot reserve ", smem,
+              " bytes of shared memory for ", what, ": ", cudaGetErrorString(configured));
+  const dim3 grid(a.max_tiles, (a.num_mtiles + kWgWarps - 1) / kWgWarps, splits);
+  kernel<<<grid, kWgWarps * 32, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
+                                                static_cast<const uint32_t*>(a.meta), a.sorted_pairs, a.tile_expert,
+                                                a.num_tiles, a.topk_weights, a.out, a.K, a.num_mtiles, a.topk,
+                                                a.out_ld, a.num_pairs);
+  SAMOYEDS_CHECK_LAUNCH(what);
+}
+
+// The wgmma path (2:4) runs on capability 9.0 (the JIT build targets sm_90a there) when an expert gets at
+// least kWgmmaMinPairs pairs on average. SAMOYEDS_WGMMA (samoyeds_vllm/envs.py): 0 never, 2 for every 2:4 call.
+constexpr double kWgmmaMinPairs = 96.0;
+bool wgmma_wanted(double pairs_per_expert, int device) {
+  static const int mode = env_int("SAMOYEDS_WGMMA", 1);
+  if (mode == 0 || (mode == 1 && pairs_per_expert < kWgmmaMinPairs)) return false;
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  return major == 9 && minor == 0;
+}
+
 // DENSE: the fusion control (moe_dense_prepacked): dense kernel-layout weights, no metadata (w13_meta and
-// w2_meta are not read), always the pipelined kernel.
-template <typename T, int NT, bool SAMOYEDS, bool DENSE>
+// w2_meta are not read), always the pipelined kernel. WGMMA: both GEMMs on the Hopper path (NT = 8).
+template <typename T, int NT, bool SAMOYEDS, bool DENSE, bool WGMMA = false>
 void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                 const at::Tensor& w13_values, const at::Tensor& w13_meta, const at::Tensor* w13_rowsel,
                 const at::Tensor& w2_values, const at::Tensor& w2_meta, const at::Tensor* w2_rowsel, int chunk,
@@ -178,14 +208,16 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   const bool pipelined13 = DENSE || NT > 1 || hidden / 32 < kSplitKMinSteps;
   const bool pipelined2 = DENSE || NT > 1 || inter / 32 < kSplitKMinSteps;
   // w2 K splits (pipelined kernel only): ~16 CTAs per SM in total, >= 64 k-steps per split, at most 8.
+  static_assert(!WGMMA || (NT * 8 == kWgBN && !DENSE && !SAMOYEDS), "the wgmma path runs 64-token 2:4 tiles");
   int splits = 1;
   if (pipelined2) {
     using C = PipeConfig<SAMOYEDS, DENSE>;
-    const int total_blk = (inter / 32 + C::kBlock - 1) / C::kBlock;
-    const int ctas = max_tiles * ((mt2 + C::kWarps - 1) / C::kWarps);
+    const int kb = WGMMA ? kWgKB : C::kBlock, warps = WGMMA ? kWgWarps : C::kWarps;
+    const int total_blk = (inter / 32 + kb - 1) / kb;
+    const int ctas = max_tiles * ((mt2 + warps - 1) / warps);
     int sms = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device());
-    splits = std::max(1, std::min({8, total_blk * C::kBlock / 64, (16 * sms + ctas - 1) / ctas}));
+    splits = std::max(1, std::min({8, total_blk * kb / 64, (16 * sms + ctas - 1) / ctas}));
   }
 
   at::Tensor pair_expert = at::empty({std::max(num_pairs, 1)}, i32);
@@ -216,12 +248,20 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
                w13_rowsel ? w13_rowsel->data_ptr<uint8_t>() : nullptr, sorted_pairs.data_ptr<int32_t>(),
                tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), nullptr, intermediate.data_ptr(),
                hidden, mt13, chunk_shift, topk, inter, num_pairs, max_tiles};
-  launch_gemm<T, 2, NT, SAMOYEDS, DENSE>(a13, pipelined13, 1, stream, "w13 GEMM + SwiGLU");
+  if constexpr (WGMMA) {
+    launch_wgmma<T, 2>(a13, 1, stream, "w13 GEMM + SwiGLU (wgmma)");
+  } else {
+    launch_gemm<T, 2, NT, SAMOYEDS, DENSE>(a13, pipelined13, 1, stream, "w13 GEMM + SwiGLU");
+  }
   GemmArgs a2{intermediate.data_ptr(), w2_values.data_ptr(), DENSE ? nullptr : w2_meta.data_ptr(),
               w2_rowsel ? w2_rowsel->data_ptr<uint8_t>() : nullptr, sorted_pairs.data_ptr<int32_t>(),
               tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), weights.data_ptr<float>(),
               slot_out.data_ptr(), inter, mt2, chunk_shift, topk, hidden, num_pairs, max_tiles};
-  launch_gemm<T, 1, NT, SAMOYEDS, DENSE>(a2, pipelined2, splits, stream, "w2 GEMM + routing weight");
+  if constexpr (WGMMA) {
+    launch_wgmma<T, 1>(a2, splits, stream, "w2 GEMM + routing weight (wgmma)");
+  } else {
+    launch_gemm<T, 1, NT, SAMOYEDS, DENSE>(a2, pipelined2, splits, stream, "w2 GEMM + routing weight");
+  }
 
   const long long work = static_cast<long long>(num_tokens) * (hidden / 8);
   const int threads = 256;
@@ -257,6 +297,13 @@ void dispatch_tiles(const RoutingInputs& r, const at::Tensor& topk_weights, cons
     }
   };
   const int forced = forced_token_tile();
+  if constexpr (!DENSE && !SAMOYEDS) {
+    if (forced == 0 && wgmma_wanted(pairs_per_expert, r.x.get_device())) {
+      launch_moe<T, kWgBN / 8, SAMOYEDS, DENSE, true>(r.x, topk_weights, r.ids, w13_values, w13_meta, w13_rowsel,
+                                                      w2_values, w2_meta, w2_rowsel, chunk, r.map_ptr, out);
+      return;
+    }
+  }
   if (forced == 8 || forced == 16 || forced == 32 || forced == 64) {
     if (forced == 8) run(std::integral_constant<int, 1>{});
     if (forced == 16) run(std::integral_constant<int, 2>{});

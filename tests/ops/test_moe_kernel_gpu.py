@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -204,3 +207,37 @@ def test_dense_control_matches_reference(dtype, n_tokens, n_exp, topk, hidden, i
     out = ops.moe_dense_control(x, weights, ids, prepared)
     torch.cuda.synchronize()
     _check(out, ref, dtype, f"dense control {dtype} T={n_tokens} E={n_exp} k={topk} H={hidden} I={inter} {routing}")
+
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the wgmma.sp path is Hopper (sm_90a) only")
+@pytest.mark.skipif(os.environ.get("SAMOYEDS_WGMMA") is not None, reason="runs the forced pass itself")
+def test_hopper_wgmma_path_passes_every_check():
+    """All checks of this file again in a fresh process with every 2:4 call on the wgmma.sp path."""
+    env = {**os.environ, "SAMOYEDS_WGMMA": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(not HOPPER or os.environ.get("SAMOYEDS_WGMMA") != "2", reason="forced wgmma.sp pass only")
+def test_wgmma_kernels_ran():
+    """The forced pass really ran the wgmma.sp kernels (the kernel names in a profile of one 2:4 call)."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    w13 = _experts(4, 2 * 416, 352, "2:4", torch.bfloat16, gen)
+    w2 = _experts(4, 352, 416, "2:4", torch.bfloat16, gen)
+    prepared = ops.prepare_moe_weights(w13, w2)
+    x = torch.randn(40, 352, generator=gen, device="cuda", dtype=torch.bfloat16)
+    weights, ids = _routing("uniform", 40, 4, 2, gen)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.moe_forward(x, weights, ids, prepared)
+        torch.cuda.synchronize()
+    names = {e.key for e in prof.key_averages()}
+    assert any("moe_wgmma_sp_kernel" in n for n in names), sorted(names)
