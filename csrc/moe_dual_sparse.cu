@@ -157,7 +157,7 @@ void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t str
   SAMOYEDS_CHECK_LAUNCH(what);
 }
 
-// Hopper prefill path (moe_wgmma_sp_sm90.cuh, 2:4): one warpgroup per 64 stored rows x 64 tokens.
+// Hopper prefill path (moe_wgmma_sp_sm90.cuh, 2:4): two warpgroups per 128 stored rows x 128 tokens.
 template <typename T, int G>
 void launch_wgmma(const GemmArgs& a, int splits, cudaStream_t stream, const char* what) {
   constexpr auto kernel = moe_wgmma_sp_kernel<T, G>;
@@ -174,11 +174,13 @@ void launch_wgmma(const GemmArgs& a, int splits, cudaStream_t stream, const char
   SAMOYEDS_CHECK_LAUNCH(what);
 }
 
-// The wgmma path (2:4) runs on capability 9.0 (the JIT build targets sm_90a there) when an expert gets at
-// least kWgmmaMinPairs pairs on average. SAMOYEDS_WGMMA (samoyeds_vllm/envs.py): 0 never, 2 for every 2:4 call.
+// The wgmma path (2:4, capability 9.0; the JIT build targets sm_90a there) is opt-in until it beats the mma.sp
+// kernels (H200: equal at Mixtral 2048 tokens, 15% slower at Qwen3-30B-A3B; docs/PERFORMANCE.md).
+// SAMOYEDS_WGMMA (samoyeds_vllm/envs.py): 0 (default) never, 1 when an expert gets >= kWgmmaMinPairs pairs on
+// average, 2 for every 2:4 call (tests).
 constexpr double kWgmmaMinPairs = 96.0;
 bool wgmma_wanted(double pairs_per_expert, int device) {
-  static const int mode = env_int("SAMOYEDS_WGMMA", 1);
+  static const int mode = env_int("SAMOYEDS_WGMMA", 0);
   if (mode == 0 || (mode == 1 && pairs_per_expert < kWgmmaMinPairs)) return false;
   int major = 0, minor = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
@@ -187,7 +189,7 @@ bool wgmma_wanted(double pairs_per_expert, int device) {
 }
 
 // DENSE: the fusion control (moe_dense_prepacked): dense kernel-layout weights, no metadata (w13_meta and
-// w2_meta are not read), always the pipelined kernel. WGMMA: both GEMMs on the Hopper path (NT = 8).
+// w2_meta are not read), always the pipelined kernel. WGMMA: both GEMMs on the Hopper path (BN = kWgBN).
 template <typename T, int NT, bool SAMOYEDS, bool DENSE, bool WGMMA = false>
 void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                 const at::Tensor& w13_values, const at::Tensor& w13_meta, const at::Tensor* w13_rowsel,
@@ -208,16 +210,18 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   const bool pipelined13 = DENSE || NT > 1 || hidden / 32 < kSplitKMinSteps;
   const bool pipelined2 = DENSE || NT > 1 || inter / 32 < kSplitKMinSteps;
   // w2 K splits (pipelined kernel only): ~16 CTAs per SM in total, >= 64 k-steps per split, at most 8.
-  static_assert(!WGMMA || (NT * 8 == kWgBN && !DENSE && !SAMOYEDS), "the wgmma path runs 64-token 2:4 tiles");
+  static_assert(!WGMMA || (NT * 8 == kWgBN && !DENSE && !SAMOYEDS), "the wgmma path runs kWgBN-token 2:4 tiles");
   int splits = 1;
   if (pipelined2) {
     using C = PipeConfig<SAMOYEDS, DENSE>;
+    // The wgmma kernel runs one CTA per SM: ~2 waves instead.
     const int kb = WGMMA ? kWgKB : C::kBlock, warps = WGMMA ? kWgWarps : C::kWarps;
+    const int ctas_per_sm = WGMMA ? 2 : 16;
     const int total_blk = (inter / 32 + kb - 1) / kb;
     const int ctas = max_tiles * ((mt2 + warps - 1) / warps);
     int sms = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device());
-    splits = std::max(1, std::min({8, total_blk * kb / 64, (16 * sms + ctas - 1) / ctas}));
+    splits = std::max(1, std::min({8, total_blk * kb / 64, (ctas_per_sm * sms + ctas - 1) / ctas}));
   }
 
   at::Tensor pair_expert = at::empty({std::max(num_pairs, 1)}, i32);

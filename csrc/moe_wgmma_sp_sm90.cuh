@@ -1,24 +1,26 @@
-// Hopper (sm_90a) grouped sparse MoE GEMM with wgmma.mma_async.sp: the prefill-size path.
+// Hopper (sm_90a) grouped sparse MoE GEMM with wgmma.mma_async.sp, for prefill-size token tiles (2:4).
 //
-// Same job, operands and epilogues as moe_mma_sp_pipelined_kernel (moe_dual_sparse_sm80.cuh), for token tiles
-// of 64: one warpgroup (4 warps) per CTA computes 64 stored rows (4 m-tiles, one per warp) of its G groups for
-// 64 tokens with one m64n64k32 sparse wgmma per (group, k-step) instead of 4 warps x 8 n-tiles of mma.sp:
+// Same job, operands and epilogues as moe_mma_sp_pipelined_kernel (moe_dual_sparse_sm80.cuh). A CTA is two
+// warpgroups stacked along M: 128 stored rows (8 m-tiles, one per warp) of its G groups x 128 tokens, one
+// m64n128k32 sparse wgmma per (warpgroup, group, k-step):
 //   A (weights)  from registers ("RS" form): the sm80 kernel-layout fragment of each warp's m-tile is exactly
-//                the per-warp A fragment of wgmma.sp (and its metadata register is the mma.sp one, selector 0);
-//                it moves global -> shared (cp.async ring) -> registers like in the sm80 kernel.
+//                the per-warp A fragment of wgmma.sp, and its metadata register is the mma.sp one (selector 0);
+//                it moves global -> shared (cp.async ring) -> registers as in the sm80 kernel.
 //   B (tokens)   from shared memory through a matrix descriptor: gathered by cp.async (16 B per copy) into the
-//                K-major, no-swizzle canonical layout of 8x8 core matrices (128 contiguous bytes, 8 token
-//                rows x 16 B of K): core matrix (8-token group j, k-chunk c) at j * SBO + c * 128 bytes.
+//                K-major, no-swizzle canonical layout of 8x8 core matrices (128 contiguous bytes: 8 token rows x
+//                16 B of K); core matrix (8-token group j, k-chunk c) at j * SBO + c * 128 bytes, LBO = 128.
 //   C/D          f32 in registers; per warp d[4j + r] is the mma.sync m16n8 fragment of n-tile j, so the
 //                store_epilogue of the sm80 kernel applies unchanged.
-// Per k-block of KB k-steps: wait for the ring slot, fence.proxy.async (cp.async writes are generic-proxy
-// writes that wgmma reads through the async proxy), load A and metadata of the block into registers,
-// wgmma.fence, issue the block's wgmmas, commit, wait for them.
-// 2:4 only. 1:2:V+2:4 keeps two accumulator banks (128 f32 registers per thread at 64 tokens); with the block's
-// A fragments in registers on top, ptxas serialises the wgmmas (C7511, insufficient registers) and spills, so
-// that pattern needs A from shared memory (the "SS" form) first. Not yet here either: TMA weight loads, warp
-// specialisation, a persistent grid (docs/HOPPER_PREFILL_NOTES.md has the plan).
+// Per k-block of KB k-steps: wait for the ring slot, fence.proxy.async (cp.async writes are generic-proxy writes
+// that wgmma reads through the async proxy), barrier, refill the slot retired two blocks ago, load the block's
+// A and metadata into registers, wgmma.fence, issue, commit, wait_group 1 (the block stays in flight while the
+// next one is prepared).
+// Status (H200, docs/PERFORMANCE.md): GPU-validated, but not faster than the mma.sp kernels yet, so it is
+// opt-in (SAMOYEDS_WGMMA). 1:2:V+2:4 would need A from shared memory (SS form): with two accumulator banks and
+// A in registers ptxas serialises the wgmmas. docs/HOPPER_PREFILL_NOTES.md has what was measured and the plan.
 #pragma once
+
+#include <type_traits>
 
 #include "moe_dual_sparse_sm80.cuh"
 
@@ -28,22 +30,27 @@
 
 namespace samoyeds {
 
-// d += A_sparse(64x32 per warpgroup, this warp's 16 rows in a) * B(32x64 from b_desc); f32 accumulate.
-template <typename T>
-__device__ __forceinline__ void wgmma_sp_m64n64k32(float (&d)[32], const uint4& a, uint64_t b_desc, uint32_t meta);
+// d[N/2] += A (64 x 32 logical, 2:4-compressed; this warp's 16 rows from registers) * B (32 x N tokens, K-major,
+// through the shared-memory descriptor); f32 accumulate, sparsity selector 0. The operand lists are spelled out
+// (N = 128 is the one the kernel uses).
+template <typename T, int N>
+struct WgmmaSp;
 
 template <>
-__device__ __forceinline__ void wgmma_sp_m64n64k32<__nv_bfloat16>(float (&d)[32], const uint4& a, uint64_t b_desc,
-                                                       uint32_t meta) {
+struct WgmmaSp<__nv_bfloat16, 128> {
+  static __device__ __forceinline__ void mma(float (&d)[64], const uint4& a, uint64_t desc, uint32_t meta) {
 #if defined(SAMOYEDS_HAS_WGMMA)
-  asm volatile(
-      "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32.bf16.bf16 "
-      "{" 
+    asm volatile(
+      "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16 {"
       "%0,%1,%2,%3,%4,%5,%6,%7,"
       "%8,%9,%10,%11,%12,%13,%14,%15,"
       "%16,%17,%18,%19,%20,%21,%22,%23,"
-      "%24,%25,%26,%27,%28,%29,%30,%31"
-      "}, {%32,%33,%34,%35}, %36, %37, 0, 1, 1, 1, 0;\n"
+      "%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,"
+      "%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,"
+      "%56,%57,%58,%59,%60,%61,%62,%63"
+      "}, {%64,%65,%66,%67}, %68, %69, 0, 1, 1, 1, 0;\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
         "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
@@ -51,23 +58,35 @@ __device__ __forceinline__ void wgmma_sp_m64n64k32<__nv_bfloat16>(float (&d)[32]
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
         "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(b_desc), "r"(meta));
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),
+        "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(desc), "r"(meta));
 #endif
-}
+  }
+};
 
 template <>
-__device__ __forceinline__ void wgmma_sp_m64n64k32<__half>(float (&d)[32], const uint4& a, uint64_t b_desc,
-                                                       uint32_t meta) {
+struct WgmmaSp<__half, 128> {
+  static __device__ __forceinline__ void mma(float (&d)[64], const uint4& a, uint64_t desc, uint32_t meta) {
 #if defined(SAMOYEDS_HAS_WGMMA)
-  asm volatile(
-      "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32.f16.f16 "
-      "{" 
+    asm volatile(
+      "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 {"
       "%0,%1,%2,%3,%4,%5,%6,%7,"
       "%8,%9,%10,%11,%12,%13,%14,%15,"
       "%16,%17,%18,%19,%20,%21,%22,%23,"
-      "%24,%25,%26,%27,%28,%29,%30,%31"
-      "}, {%32,%33,%34,%35}, %36, %37, 0, 1, 1, 1, 0;\n"
+      "%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,"
+      "%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,"
+      "%56,%57,%58,%59,%60,%61,%62,%63"
+      "}, {%64,%65,%66,%67}, %68, %69, 0, 1, 1, 1, 0;\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
         "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
@@ -75,10 +94,19 @@ __device__ __forceinline__ void wgmma_sp_m64n64k32<__half>(float (&d)[32], const
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
         "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(b_desc), "r"(meta));
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),
+        "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(desc), "r"(meta));
 #endif
-}
+  }
+};
 
 __device__ __forceinline__ void wgmma_fence() {
 #if defined(SAMOYEDS_HAS_WGMMA)
@@ -90,9 +118,11 @@ __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void wgmma_wait_all() {
+// Wait until at most N committed wgmma groups of this warpgroup are pending.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
 #if defined(SAMOYEDS_HAS_WGMMA)
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
 // Make this thread's completed generic-proxy (cp.async) writes to shared memory visible to the async proxy.
@@ -103,29 +133,40 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 }
 
 // Shared-memory matrix descriptor, no swizzle: start address, leading (K-direction core-matrix) byte offset,
-// stride (M/N-direction 8-row group) byte offset, each in units of 16 bytes.
+// stride (M/N-direction 8-row group) byte offset, each in units of 16 bytes (PTX ISA, matrix descriptor; on an
+// H200 the swapped roles gave garbage, these pass every test).
 __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
          (static_cast<uint64_t>(sbo >> 4) << 32);
 }
 
-// Token tile of the wgmma kernel: 64 tokens; ring of STAGES stages of KB k-steps.
-constexpr int kWgBN = 64, kWgKB = 4, kWgStages = 3, kWgWarps = 4;
+// Tile of the wgmma kernel: kWgGroups warpgroups stacked along M (each 64 stored rows = 4 m-tiles, one per
+// warp) x kWgBN tokens; a ring of kWgStages slots of kWgKB k-steps. Build-time overrides for tuning sweeps.
+#ifndef SAMOYEDS_WG_KB
+#define SAMOYEDS_WG_KB 2
+#endif
+#ifndef SAMOYEDS_WG_STAGES
+#define SAMOYEDS_WG_STAGES 5
+#endif
+constexpr int kWgBN = 128, kWgGroups = 2, kWgWarps = 4 * kWgGroups;
+constexpr int kWgKB = SAMOYEDS_WG_KB, kWgStages = SAMOYEDS_WG_STAGES;
+static_assert(kWgStages >= 3, "a slot is refilled two blocks after its wgmmas were issued");
 
+// Ring slot layout (bytes): weights [warp][group][k-step][lane] x 16, metadata [warp][group][k-step][16] x 4,
+// tokens as 8x8 core matrices: (8-token group j, 16-byte k-chunk c) at j * kSbo + c * 128.
 template <typename T, int G>
 struct WgSmem {
-  static constexpr int kKBlk = 32 * kWgKB;                              // k per stage
-  static constexpr uint32_t kAWarp = kWgKB * G * 32 * 16;               // A vectors of one warp and stage
-  static constexpr uint32_t kMWarp = kWgKB * G * 16 * 4;                // metadata of one warp and stage
+  static constexpr int kKBlk = 32 * kWgKB;
+  static constexpr uint32_t kAWarp = kWgKB * G * 512, kMWarp = kWgKB * G * 64;
   static constexpr uint32_t kAStage = kWgWarps * kAWarp, kMStage = kWgWarps * kMWarp;
-  static constexpr uint32_t kSbo = (kKBlk / 8) * 128;                   // bytes between 8-token groups
-  static constexpr uint32_t kBStage = (kWgBN / 8) * kSbo;               // = 64 tokens x kKBlk x 2 bytes
+  static constexpr uint32_t kSbo = (kKBlk / 8) * 128;
+  static constexpr uint32_t kBStage = (kWgBN / 8) * kSbo;
   static constexpr uint32_t kMOff = kWgStages * kAStage, kBOff = kMOff + kWgStages * kMStage;
   static constexpr int bytes() { return static_cast<int>(kBOff + kWgStages * kBStage); }
 };
 
 template <typename T, int G>
-__global__ void __launch_bounds__(kWgWarps * 32)
+__global__ void __launch_bounds__(kWgWarps * 32, 1)
 moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues, const uint32_t* __restrict__ kmeta,
                     const int32_t* __restrict__ sorted_pairs,
                     const int32_t* __restrict__ tile_expert, const int32_t* __restrict__ num_tiles,
@@ -134,9 +175,11 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
 #if defined(SAMOYEDS_HAS_WGMMA)
   using L = WgSmem<T, G>;
   constexpr int NT = kWgBN / 8, KB = kWgKB, STAGES = kWgStages, THREADS = kWgWarps * 32;
-  constexpr int KBLK = L::kKBlk, CPR = KBLK / 8;  // 16-byte chunks per token row and stage
-  constexpr int TOKEN_COPIES = kWgBN * CPR / THREADS;
-  static_assert(kWgBN * CPR % THREADS == 0 && CPR % 2 == 0 && THREADS == 8 * CPR, "token copy mapping");
+  constexpr int KBLK = L::kKBlk, CPR = KBLK / 8;        // 16-byte k-chunks per token row and slot
+  constexpr int GROUP_THREADS = 8 * CPR;                 // threads that copy one 8-token group
+  constexpr int GROUPS_PER_PASS = THREADS / GROUP_THREADS;
+  constexpr int TOKEN_COPIES = NT / GROUPS_PER_PASS;
+  static_assert(THREADS % GROUP_THREADS == 0 && NT % GROUPS_PER_PASS == 0 && CPR % 2 == 0, "token copy mapping");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ const T* rows[kWgBN];
   const int tile = blockIdx.x;
@@ -169,16 +212,20 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
   const uint32_t a_sm = smem + warp * L::kAWarp + lane * 16;
   const uint32_t m_sm_w = smem + L::kMOff + warp * L::kMWarp + (lane & 3) * 16;
   const uint32_t m_sm_r = smem + L::kMOff + warp * L::kMWarp + (2 * g + (t & 1)) * 4;
-  // Token copies: thread -> (row r8 of every 8-token group, k-chunk c): two neighbouring threads copy the two
-  // 16-byte halves of one 32-byte sector of a token row; copy i covers token group i.
-  const int r8 = (threadIdx.x >> 1) & 7, tok_chunk = (threadIdx.x & 1) + 2 * (threadIdx.x >> 4);
+  // Token copies: within 16 threads, (row r8 of an 8-token group, k-chunk parity) so that two neighbouring
+  // threads copy one 32-byte sector of a token row and 16 threads fill 256 contiguous bytes of shared memory;
+  // the next bits pick the k-chunk pair, the rest the 8-token group; copy i moves GROUPS_PER_PASS groups on.
+  const int tid = threadIdx.x;
+  const int r8 = (tid >> 1) & 7;
+  const int tok_chunk = (tid & 1) + 2 * ((tid >> 4) % (CPR / 2));
+  const int grp0 = tid / GROUP_THREADS;
   const int tok_col = tok_chunk * 8;
-  const uint32_t b_sm_w = smem + L::kBOff + tok_chunk * 128 + r8 * 16;
+  const uint32_t b_sm_w = smem + L::kBOff + grp0 * L::kSbo + tok_chunk * 128 + r8 * 16;
   const T* tok_src[TOKEN_COPIES];
   bool tok_ok[TOKEN_COPIES];
 #pragma unroll
   for (int i = 0; i < TOKEN_COPIES; ++i) {
-    const int row = 8 * i + r8;
+    const int row = 8 * (grp0 + i * GROUPS_PER_PASS) + r8;
     tok_ok[i] = row < load_rows && rows[row] != nullptr;
     tok_src[i] = (tok_ok[i] ? rows[row] : act) + tok_col;
   }
@@ -190,22 +237,22 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     a_grp[gr] = kvalues + (tile_base + gr) * S * 32 + lane;
     m_grp[gr] = reinterpret_cast<const uint4*>(kmeta + (tile_base + gr) * S * 16) + (lane & 3);
   }
-  const bool meta_lane = lane < 4;
 
-  auto load_stage = [&](int local, int st) {
+  auto load_slot = [&](int local, int slot) {
     const int blk = blk_begin + local;
     const bool k_ok = blk * KBLK + tok_col < K;
 #pragma unroll
     for (int i = 0; i < TOKEN_COPIES; ++i)
-      cp_async_16(b_sm_w + st * L::kBStage + i * L::kSbo, tok_src[i] + blk * KBLK, k_ok && tok_ok[i]);
+      cp_async_16(b_sm_w + slot * L::kBStage + i * GROUPS_PER_PASS * L::kSbo, tok_src[i] + blk * KBLK,
+                  k_ok && tok_ok[i]);
     const int s0 = blk * KB;
 #pragma unroll
     for (int kk = 0; kk < KB; ++kk) {
       const bool in_k = s0 + kk < S;
 #pragma unroll
       for (int gr = 0; gr < G; ++gr) {
-        cp_async_16(a_sm + st * L::kAStage + (kk * G + gr) * 512, a_grp[gr] + (s0 + kk) * 32, in_k);
-        cp_async_16(m_sm_w + st * L::kMStage + (kk * G + gr) * 64, m_grp[gr] + (s0 + kk) * 4, in_k && meta_lane);
+        cp_async_16(a_sm + slot * L::kAStage + (gr * KB + kk) * 512, a_grp[gr] + (s0 + kk) * 32, in_k);
+        cp_async_16(m_sm_w + slot * L::kMStage + (gr * KB + kk) * 64, m_grp[gr] + (s0 + kk) * 4, in_k && lane < 4);
       }
     }
     cp_async_commit();
@@ -216,46 +263,52 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
 #pragma unroll
   for (int i = 0; i < G * NT * 4; ++i) flat[i] = 0.f;
 
+  // Ring: the wgmmas of block b stay in flight while block b + 1 is issued (wgmma.wait_group 1), so the slot
+  // of block b is refilled only at iteration b + 2, with block b + STAGES: STAGES - 2 blocks land ahead.
 #pragma unroll
-  for (int p = 0; p < STAGES - 1; ++p) {
+  for (int p = 0; p < STAGES - 2; ++p) {
     if (p < nblk) {
-      load_stage(p, p);
+      load_slot(p, p);
     } else {
       cp_async_commit();
     }
   }
-  int st = 0, st_load = STAGES - 1;
-  for (int blk = 0; blk < nblk; ++blk) {
-    cp_async_wait<STAGES - 2>();
+  // A and metadata of a block go to registers before its wgmmas (RS form); two register sets alternate
+  // because the previous block's wgmmas still read theirs.
+  uint4 a[2][KB][G];
+  uint32_t meta[2][KB][G];
+  auto run_block = [&](int blk, int slot, auto buf_c) {
+    constexpr int buf = decltype(buf_c)::value;
+    cp_async_wait<STAGES - 3>();
     fence_proxy_async_shared();  // this thread's landed token rows, visible to the wgmma (async proxy)
-    __syncthreads();
-    if (blk + STAGES - 1 < nblk) {
-      load_stage(blk + STAGES - 1, st_load);
-    } else {
-      cp_async_commit();
+    __syncthreads();             // everyone's rows landed; every warpgroup retired block blk - 2
+    {
+      const int next = blk + STAGES - 2;
+      int next_slot = slot + STAGES - 2;
+      if (next_slot >= STAGES) next_slot -= STAGES;
+      if (next < nblk) {
+        load_slot(next, next_slot);
+      } else {
+        cp_async_commit();
+      }
     }
-    st_load = st_load + 1 == STAGES ? 0 : st_load + 1;
-    const uint32_t a_st = a_sm + st * L::kAStage, m_st = m_sm_r + st * L::kMStage;
-    const uint32_t b_st = smem + L::kBOff + st * L::kBStage;
-    const int s0 = (blk_begin + blk) * KB;
-    // A and metadata of the whole block in registers first: wgmma reads A registers asynchronously, and a
-    // metadata load between the wgmmas of a stage would make ptxas serialise them.
-    uint4 a[KB][G];
-    uint32_t meta[KB][G];
+    const uint32_t a_st = a_sm + slot * L::kAStage, m_st = m_sm_r + slot * L::kMStage;
+    const uint32_t b_st = smem + L::kBOff + slot * L::kBStage;
 #pragma unroll
     for (int kk = 0; kk < KB; ++kk)
 #pragma unroll
       for (int gr = 0; gr < G; ++gr) {
-        a[kk][gr] = lds_128(a_st + (kk * G + gr) * 512);
-        meta[kk][gr] = lds_32(m_st + (kk * G + gr) * 64);
+        a[buf][kk][gr] = lds_128(a_st + (gr * KB + kk) * 512);
+        meta[buf][kk][gr] = lds_32(m_st + (gr * KB + kk) * 64);
       }
-    wgmma_fence();
+    const int s0 = (blk_begin + blk) * KB;
     auto issue_step = [&](int kk) {
 #pragma unroll
       for (int gr = 0; gr < G; ++gr)
-        wgmma_sp_m64n64k32<T>(reinterpret_cast<float(&)[32]>(acc[0][gr][0][0]), a[kk][gr],
-                              smem_desc(b_st + kk * 4 * 128, 128, L::kSbo), meta[kk][gr]);
+        WgmmaSp<T, kWgBN>::mma(reinterpret_cast<float(&)[kWgBN / 2]>(acc[0][gr][0][0]), a[buf][kk][gr],
+                               smem_desc(b_st + kk * 4 * 128, 128, L::kSbo), meta[buf][kk][gr]);
     };
+    wgmma_fence();
     if (s0 + KB <= S) {  // a whole block: one straight run of wgmmas
 #pragma unroll
       for (int kk = 0; kk < KB; ++kk) issue_step(kk);
@@ -267,9 +320,18 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
       }
     }
     wgmma_commit();
-    wgmma_wait_all();
-    st = st + 1 == STAGES ? 0 : st + 1;
+    wgmma_wait<1>();
+  };
+  int slot = 0;
+  int blk = 0;
+  for (; blk + 1 < nblk; blk += 2) {
+    run_block(blk, slot, std::integral_constant<int, 0>{});
+    slot = slot + 1 == STAGES ? 0 : slot + 1;
+    run_block(blk + 1, slot, std::integral_constant<int, 1>{});
+    slot = slot + 1 == STAGES ? 0 : slot + 1;
   }
+  if (blk < nblk) run_block(blk, slot, std::integral_constant<int, 0>{});
+  wgmma_wait<0>();
   cp_async_wait<0>();
   void* dst = (G == 1) ? static_cast<void*>(static_cast<float*>(out) + static_cast<long long>(blockIdx.z) * num_pairs * out_ld)
                        : out;

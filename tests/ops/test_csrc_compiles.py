@@ -1,11 +1,14 @@
 """csrc/ builds with nvcc for sm_80 and sm_90a, without spills (CPU machines that have nvcc).
 
 CI has no GPU, so it cannot run a kernel, but it can still see one that does not compile or that spills
-registers in any instantiation the launcher uses.
+registers in any instantiation the launcher uses, and, for sm_90a, whether ptxas serialised the wgmma.sp
+kernel and whether its SASS really issues sparse GMMA instructions.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -17,6 +20,16 @@ import torch
 from samoyeds_vllm.ops.cuda_kernels import CSRC_DIR
 
 NVCC = shutil.which("nvcc")
+
+
+def _cuobjdump() -> str | None:
+    """cuobjdump of the CUDA toolkit, else the copy Triton ships (CPU CI has Triton, not always the toolkit)."""
+    found = shutil.which("cuobjdump")
+    spec = importlib.util.find_spec("triton")
+    if found is None and spec is not None and spec.origin is not None:
+        bundled = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        found = str(bundled) if bundled.is_file() else None
+    return found
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
@@ -51,3 +64,20 @@ def test_csrc_compiles_without_spills(tmp_path: Path, arch: str) -> None:
     assert all(line.startswith("0 bytes stack frame, 0 bytes spill stores") for line in spills), [
         line for line in spills if not line.startswith("0 bytes stack frame, 0 bytes spill stores")
     ]
+    if arch != "90a":
+        return
+    # C7510-C7518: ptxas serialised wgmma (waits after every instruction); C7519 (an arrive it injects) is benign.
+    serialised = [line for line in proc.stderr.splitlines() if re.search(r"C751[0-8]", line)]
+    assert not serialised, serialised[:3]
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump to check the wgmma.sp SASS")
+    sass = subprocess.run(
+        [cuobjdump, "-sass", str(tmp_path / "kernels.o")], capture_output=True, text=True, timeout=600
+    )
+    assert sass.returncode == 0, sass.stderr[-2000:]
+    kernels = re.split(r"\n\s*Function : ", sass.stdout)
+    wgmma = [k for k in kernels if k.startswith("_ZN8samoyeds19moe_wgmma_sp_kernel")]
+    assert len(wgmma) == 4, f"expected bf16/fp16 x w13/w2 wgmma kernels, found {len(wgmma)}"
+    for body in wgmma:  # (cuobjdump spells the fp16 form without a type suffix)
+        assert len(re.findall(r"HGMMA\.SP\.64x128x32\.F32\b", body)) >= 4, body.splitlines()[0]
