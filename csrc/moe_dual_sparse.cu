@@ -129,12 +129,13 @@ template <typename T, int G, int NT, bool SAMOYEDS, bool DENSE>
 void launch_pipelined(const GemmArgs& a, int splits, cudaStream_t stream, const char* what) {
   using C = PipeConfig<SAMOYEDS, DENSE>;
   constexpr auto kernel = moe_mma_sp_pipelined_kernel<T, G, NT, C::kWarps, C::kBlock, C::kStages, SAMOYEDS, DENSE>;
-  constexpr int smem = pipelined_smem_bytes<T, G, NT, C::kWarps, C::kBlock, C::kStages, DENSE>();
+  constexpr int smem = pipelined_smem_bytes<T, G, NT, C::kWarps, C::kBlock, C::kStages, SAMOYEDS, DENSE>();
   static const cudaError_t configured =  // once per instantiation, before any graph capture
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   TORCH_CHECK(configured == cudaSuccess, "samoyeds MoE kernels: cannot reserve ", smem,
               " bytes of shared memory for ", what, ": ", cudaGetErrorString(configured));
-  const dim3 grid(a.max_tiles, (a.num_mtiles + C::kWarps - 1) / C::kWarps, splits);
+  constexpr int mtiles_per_cta = C::kWarps * (kernel_streams<G, NT, SAMOYEDS, DENSE>() / G);  // w2: 2 per warp
+  const dim3 grid(a.max_tiles, (a.num_mtiles + mtiles_per_cta - 1) / mtiles_per_cta, splits);
   kernel<<<grid, C::kWarps * 32, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
                                                  static_cast<const uint32_t*>(a.meta), a.rowsel, a.sorted_pairs,
                                                  a.tile_expert, a.num_tiles, a.topk_weights, a.out, a.K,
@@ -215,10 +216,11 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   if (pipelined2) {
     using C = PipeConfig<SAMOYEDS, DENSE>;
     // The wgmma kernel runs one CTA per SM: ~2 waves instead.
-    const int kb = WGMMA ? kWgKB : C::kBlock, warps = WGMMA ? kWgWarps : C::kWarps;
+    const int kb = WGMMA ? kWgKB : C::kBlock;
+    const int mtiles_per_cta = WGMMA ? kWgWarps : C::kWarps * kernel_streams<1, NT, SAMOYEDS, DENSE>();
     const int ctas_per_sm = WGMMA ? 2 : 16;
     const int total_blk = (inter / 32 + kb - 1) / kb;
-    const int ctas = max_tiles * ((mt2 + warps - 1) / warps);
+    const int ctas = max_tiles * ((mt2 + mtiles_per_cta - 1) / mtiles_per_cta);
     int sms = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device());
     splits = std::max(1, std::min({8, total_blk * kb / 64, (ctas_per_sm * sms + ctas - 1) / ctas}));

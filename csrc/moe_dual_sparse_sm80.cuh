@@ -284,12 +284,13 @@ __device__ __forceinline__ void mma_kstep(float (&acc)[BANKS][G][NT][4], const u
 //   by bank state[gr][h] ^ 1 and bank state[gr][h] respectively (see select_banks).
 //   G = 2: out = intermediate row (tile row), value silu(gate) * up.
 //   G = 1: out = fp32 slot_out row of the (token, slot) pair, value acc * routing weight; padding rows skipped.
+// G = 1 with NS = 2 streams (pipelined w2): streams s < streams are m-tiles mt + s.
 // The warp's n-tiles start at token row col0 of the tiled layout; only its first nt_active n-tiles are written
 // (later intermediate rows are padding, never read by w2).
-template <typename T, int G, int NT, bool SAMOYEDS>
-__device__ __forceinline__ void store_epilogue(const float (&acc)[SAMOYEDS ? 2 : 1][G][NT][4],
-                                               const bool (&state)[G][2], int nt_active, int col0, int mt, int g,
-                                               int t, const int32_t* __restrict__ sorted_pairs,
+template <typename T, int G, int NS, int NT, bool SAMOYEDS>
+__device__ __forceinline__ void store_epilogue(const float (&acc)[SAMOYEDS ? 2 : 1][NS][NT][4],
+                                               const bool (&state)[NS][2], int nt_active, int col0, int mt,
+                                               int streams, int g, int t, const int32_t* __restrict__ sorted_pairs,
                                                const float* __restrict__ topk_weights, void* __restrict__ out,
                                                int out_ld) {
 #pragma unroll
@@ -318,10 +319,15 @@ __device__ __forceinline__ void store_epilogue(const float (&acc)[SAMOYEDS ? 2 :
         if (pair < 0) continue;
         const float w = topk_weights[pair];
         float* dst = static_cast<float*>(out) + static_cast<long long>(pair) * out_ld;
-        if constexpr (SAMOYEDS) {
-          *reinterpret_cast<float2*>(dst + 2 * stored) = make_float2(value(0, 0) * w, value(0, 1) * w);
-        } else {
-          dst[stored] = value(0, 0) * w;
+#pragma unroll
+        for (int sm = 0; sm < NS; ++sm) {
+          if (sm >= streams) break;
+          const int row = stored + 16 * sm;  // stored row of m-tile mt + sm
+          if constexpr (SAMOYEDS) {
+            *reinterpret_cast<float2*>(dst + 2 * row) = make_float2(value(sm, 0) * w, value(sm, 1) * w);
+          } else {
+            dst[row] = value(sm, 0) * w;
+          }
         }
       }
     }
@@ -459,8 +465,8 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
       for (int i = 0; i < NACC; ++i) flat[i] += red[w][i][lane];
   }
 
-  store_epilogue<T, G, NT, SAMOYEDS>(acc, state, NT, tile * BN, mt, g, t, sorted_pairs, topk_weights, out,
-                                     out_ld);
+  store_epilogue<T, G, G, NT, SAMOYEDS>(acc, state, NT, tile * BN, mt, 1, g, t, sorted_pairs, topk_weights, out,
+                                        out_ld);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -474,7 +480,9 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
 //   k-block:      b        b+1      b+2          (STAGES = 3)
 //   ring slot:  [ MMA ] [ landing ] [ landing ]  <- cp.async issued STAGES-1 blocks ahead
 //   per slot:   tokens [BN x 32*KB] (rows padded by 16 B: conflict-free B reads)
-//               weights [WARPS][KB][G][32 lanes] x 16 B,  metadata [WARPS][KB][G][16] x 4 B
+//               weights [WARPS][KB][NS][32 lanes] x 16 B,  metadata [WARPS][KB][NS][16] x 4 B
+//               (NS A streams per warp, kernel_streams: w13 gate + up of one m-tile, 64-token 2:4 w2 two
+//               m-tiles)
 // ---------------------------------------------------------------------------------------------------------
 // Shared-memory access by 32-bit shared-window address: every ring address of a thread is one base register
 // plus a compile-time offset (k-step, n-tile, copy) and one add per k-block for the ring slot.
@@ -512,15 +520,15 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 }
 
 // Shared-memory ring of moe_mma_sp_pipelined_kernel, in bytes. Per stage:
-//   weights  [WARPS][KB][G][AV][32 lanes] x 16 B   (AV = 2 16-byte vectors per lane for the dense control)
-//   metadata [WARPS][KB][G][16] x 4 B              (sparse only)
+//   weights  [WARPS][KB][NS][AV][32 lanes] x 16 B   (AV = 2 16-byte vectors per lane for the dense control)
+//   metadata [WARPS][KB][NS][16] x 4 B             (sparse only)
 //   tokens   [BN][32 * KB + 8] x sizeof(T)         (rows padded by 16 B: conflict-free ldmatrix)
-template <typename T, int G, int NT, int WARPS, int KB, bool DENSE>
+template <typename T, int NS, int NT, int WARPS, int KB, bool DENSE>
 struct PipeSmem {
   static constexpr int kAV = DENSE ? 2 : 1;
   static constexpr int kLD = 32 * KB + 8;  // token row, elements
-  static constexpr uint32_t kAWarp = KB * G * kAV * 32 * 16;
-  static constexpr uint32_t kMWarp = DENSE ? 0 : KB * G * 16 * 4;
+  static constexpr uint32_t kAWarp = KB * NS * kAV * 32 * 16;
+  static constexpr uint32_t kMWarp = DENSE ? 0 : KB * NS * 16 * 4;
   static constexpr uint32_t kAStage = WARPS * kAWarp;
   static constexpr uint32_t kMStage = WARPS * kMWarp;
   static constexpr uint32_t kBStage = NT * 8 * kLD * sizeof(T);
@@ -531,10 +539,23 @@ struct PipeSmem {
   }
 };
 
+// A streams a warp of the pipelined kernel multiplies with each token fragment: the G = 2 groups of its m-tile
+// (w13: gate and up rows, SwiGLU in the epilogue), or for the 64-token 2:4 w2 (G = 1) two adjacent m-tiles, so
+// every ldmatrix of tokens feeds two MMAs there too. Only there: on narrower tiles and on 1:2:V+2:4 halving
+// w2's CTAs cost more than the saved ldmatrix traffic (H200, kernel_tuning_*.json).
+#ifndef SAMOYEDS_W2_STREAMS  // build-time override for A/B runs (1 = one m-tile per warp in every w2)
+#define SAMOYEDS_W2_STREAMS 2
+#endif
+template <int G, int NT, bool SAMOYEDS, bool DENSE>
+__host__ __device__ constexpr int kernel_streams() {
+  return (G == 1 && NT == 8 && !SAMOYEDS && !DENSE) ? SAMOYEDS_W2_STREAMS : G;
+}
+
 // Bytes of dynamic shared memory moe_mma_sp_pipelined_kernel needs.
-template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool DENSE = false>
+template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS, bool DENSE = false>
 constexpr int pipelined_smem_bytes() {
-  return static_cast<int>(PipeSmem<T, G, NT, WARPS, KB, DENSE>::template bytes<STAGES>());
+  constexpr int NS = kernel_streams<G, NT, SAMOYEDS, DENSE>();
+  return static_cast<int>(PipeSmem<T, NS, NT, WARPS, KB, DENSE>::template bytes<STAGES>());
 }
 
 // Below sm_90 ptxas capped the 2:4 w2 kernel (8 warps, 64-token tile) at 64 registers with an 8-byte spill unless
@@ -552,7 +573,9 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
                             const int32_t* __restrict__ num_tiles, const float* __restrict__ topk_weights,
                             void* __restrict__ out, int K, int num_mtiles, int chunk_shift, int topk, int out_ld,
                             int num_pairs) {  // G=1: slot_out is [gridDim.z, num_pairs, out_ld]
-  using L = PipeSmem<T, G, NT, WARPS, KB, DENSE>;
+  constexpr int NS = kernel_streams<G, NT, SAMOYEDS, DENSE>();  // A streams per warp (see kernel_streams)
+  constexpr int MPW = NS / G;                      // m-tiles per warp
+  using L = PipeSmem<T, NS, NT, WARPS, KB, DENSE>;
   constexpr int BN = NT * 8;
   static_assert(WARPS * 32 >= BN && KB >= 1 && STAGES >= 2, "pipeline shape: the token-row table needs a thread "
                 "per row, a stage at least one k-step, the ring two stages");
@@ -572,8 +595,10 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   const int expert = tile_expert[tile];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int mt = blockIdx.y * WARPS + warp;
+  const int mt = (blockIdx.y * WARPS + warp) * MPW;  // the warp's (first) m-tile
   const bool active = mt < num_mtiles;
+  // w2 with two m-tiles per warp: the last warp may own one only; otherwise every stream is the warp's own
+  const int streams = NS == G ? NS : min(NS, num_mtiles - mt);
   const int S = K >> 5;
   // K split z (w2 only) owns k-blocks [blk_begin, blk_end).
   const int total_blk = (S + KB - 1) / KB;
@@ -614,13 +639,17 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
     tok_ok[i] = row < load_rows && rows[row] != nullptr;
     tok_src[i] = (tok_ok[i] ? rows[row] : act) + tok_col;  // never dereferenced unless tok_ok
   }
+  // Stream s is group s of m-tile mt (G = 2) or m-tile mt + s (G = 1): layout index (expert * MT + mt) * G + s.
   const long long tile_base = (static_cast<long long>(expert) * num_mtiles + (active ? mt : 0)) * G;
-  const uint4* a_grp[G];
-  const uint4* m_grp[G];  // metadata as 16-byte vectors: 4 per (group, k-step)
+  const uint4* a_grp[NS];
+  const uint4* m_grp[NS];  // metadata as 16-byte vectors: 4 per (stream, k-step)
+  bool stream_ok[NS];
 #pragma unroll
-  for (int gr = 0; gr < G; ++gr) {
-    a_grp[gr] = kvalues + ((tile_base + gr) * S * 32 + lane) * AV;
-    m_grp[gr] = reinterpret_cast<const uint4*>(kmeta + (tile_base + gr) * S * 16) + (lane & 3);
+  for (int gr = 0; gr < NS; ++gr) {
+    stream_ok[gr] = gr < streams;
+    const long long idx = tile_base + (stream_ok[gr] ? gr : 0);  // a missing stream is never loaded
+    a_grp[gr] = kvalues + (idx * S * 32 + lane) * AV;
+    m_grp[gr] = reinterpret_cast<const uint4*>(kmeta + idx * S * 16) + (lane & 3);
   }
   const bool meta_lane = !DENSE && lane < 4;
 
@@ -636,38 +665,40 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
       for (int kk = 0; kk < KB; ++kk) {
         const bool in_k = s0 + kk < S;  // predicated, not branched: only the last block of a tail is partial
 #pragma unroll
-        for (int gr = 0; gr < G; ++gr) {
+        for (int gr = 0; gr < NS; ++gr) {
 #pragma unroll
           for (int v = 0; v < AV; ++v)
-            cp_async_16(a_sm + st * L::kAStage + ((kk * G + gr) * AV + v) * 512, a_grp[gr] + (s0 + kk) * 32 * AV + v,
-                        in_k);
+            cp_async_16(a_sm + st * L::kAStage + ((kk * NS + gr) * AV + v) * 512, a_grp[gr] + (s0 + kk) * 32 * AV + v,
+                        in_k && stream_ok[gr]);
           if constexpr (!DENSE)
-            cp_async_16(m_sm_w + st * L::kMStage + (kk * G + gr) * 64, m_grp[gr] + (s0 + kk) * 4, in_k && meta_lane);
+            cp_async_16(m_sm_w + st * L::kMStage + (kk * NS + gr) * 64, m_grp[gr] + (s0 + kk) * 4,
+                        in_k && meta_lane && stream_ok[gr]);
         }
       }
     }
     cp_async_commit();
   };
 
-  float acc[SAMOYEDS ? 2 : 1][G][NT][4];
+  float acc[SAMOYEDS ? 2 : 1][NS][NT][4];
   float* flat = &acc[0][0][0][0];
 #pragma unroll
-  for (int i = 0; i < (SAMOYEDS ? 2 : 1) * G * NT * 4; ++i) flat[i] = 0.f;
-  bool state[G][2] = {};  // 1:2:V+2:4: output row parity bank 0 holds (see select_banks)
+  for (int i = 0; i < (SAMOYEDS ? 2 : 1) * NS * NT * 4; ++i) flat[i] = 0.f;
+  bool state[NS][2] = {};  // 1:2:V+2:4: output row parity bank 0 holds (see select_banks)
   const int run_begin = blk_begin * KB;  // this split's k-steps are [run_begin, run_end)
   const int run_end = min(blk_end * KB, S);
   const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
   // Row selection of the next chunk, loaded one chunk ahead so its latency hides behind a chunk of MMAs.
-  uint8_t rs_next[G][2] = {};
-  // rowsel of (group gr, row half h) and chunk c: rs_base[c + gr * rs_group + h * rs_half]
+  uint8_t rs_next[NS][2] = {};
+  // rowsel of (stream gr, row half h) and chunk c: rs_base[c + gr * rs_group + h * rs_half]; the next stream
+  // is the next group (G = 2) or the next m-tile (G = 1)
   const uint8_t* rs_base = nullptr;
-  const int rs_group = num_mtiles * 16 * chunks, rs_half = 8 * chunks;
+  const int rs_group = (G == 2 ? num_mtiles * 16 : 16) * chunks, rs_half = 8 * chunks;
   auto load_rowsel = [&](int chunk) {
     const uint8_t* p = rs_base + chunk;
 #pragma unroll
-    for (int gr = 0; gr < G; ++gr)
+    for (int gr = 0; gr < NS; ++gr)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) rs_next[gr][h] = __ldg(p + (gr * rs_group + h * rs_half));
+      for (int h = 0; h < 2; ++h) rs_next[gr][h] = stream_ok[gr] ? __ldg(p + (gr * rs_group + h * rs_half)) : 0;
   };
   if constexpr (SAMOYEDS) {
     rs_base = rowsel + (static_cast<long long>(expert) * G * num_mtiles * 16 + (active ? mt : 0) * 16 + g) * chunks;
@@ -702,25 +733,25 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
         if (s >= S) break;
         if constexpr (SAMOYEDS) {
           if (s == run_begin || (s & ((1 << chunk_shift) - 1)) == 0) {
-            bool want[G][2];
+            bool want[NS][2];
 #pragma unroll
-            for (int gr = 0; gr < G; ++gr)
+            for (int gr = 0; gr < NS; ++gr)
 #pragma unroll
               for (int h = 0; h < 2; ++h) want[gr][h] = rs_next[gr][h] != 0;
-            select_banks<G, NT>(acc, state, want, nt_active);
+            select_banks<NS, NT>(acc, state, want, nt_active);
             const int next = (s >> chunk_shift) + 1;
             if ((next << chunk_shift) < run_end) load_rowsel(next);
           }
         }
-        uint4 a[G], a_hi[G];
-        uint32_t meta[G];
+        uint4 a[NS], a_hi[NS];
+        uint32_t meta[NS];
 #pragma unroll
-        for (int gr = 0; gr < G; ++gr) {
-          a[gr] = lds_128(a_st + (kk * G + gr) * AV * 512);
+        for (int gr = 0; gr < NS; ++gr) {
+          a[gr] = lds_128(a_st + (kk * NS + gr) * AV * 512);
           if constexpr (DENSE) {
-            a_hi[gr] = lds_128(a_st + ((kk * G + gr) * AV + 1) * 512);
+            a_hi[gr] = lds_128(a_st + ((kk * NS + gr) * AV + 1) * 512);
           } else {
-            meta[gr] = lds_32(m_st + (kk * G + gr) * 64);
+            meta[gr] = lds_32(m_st + (kk * NS + gr) * 64);
           }
         }
 #pragma unroll
@@ -729,7 +760,7 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
             uint32_t b[4];
             ldmatrix_x4(b, b_st + nt * 8 * L::kRow + kk * 32 * sizeof(T));
 #pragma unroll
-            for (int gr = 0; gr < G; ++gr) {
+            for (int gr = 0; gr < NS; ++gr) {
               if constexpr (DENSE) {  // k 0..15 of the step from b0, b1; k 16..31 from b2, b3
                 mma_16816<T>(acc[0][gr][nt], a[gr], b[0], b[1]);
                 mma_16816<T>(acc[0][gr][nt], a_hi[gr], b[2], b[3]);
@@ -747,8 +778,8 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   void* dst = (G == 1) ? static_cast<void*>(static_cast<float*>(out) + static_cast<long long>(blockIdx.z) * num_pairs * out_ld)
                        : out;
   if (active)
-    store_epilogue<T, G, NT, SAMOYEDS>(acc, state, nt_active, tile * BN, mt, g, t, sorted_pairs, topk_weights, dst,
-                                       out_ld);
+    store_epilogue<T, G, NS, NT, SAMOYEDS>(acc, state, nt_active, tile * BN, mt, streams, g, t, sorted_pairs,
+                                           topk_weights, dst, out_ld);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -337,8 +337,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
                        : out;
   const bool state[G][2] = {};  // (bank bookkeeping of 1:2:V+2:4; unused for 2:4)
   if (active)
-    store_epilogue<T, G, NT, false>(acc, state, nt_active, tile * kWgBN, mt, g, t, sorted_pairs, topk_weights, dst,
-                                    out_ld);
+    store_epilogue<T, G, G, NT, false>(acc, state, nt_active, tile * kWgBN, mt, 1, g, t, sorted_pairs, topk_weights,
+                                       dst, out_ld);
 #endif
 }
 
