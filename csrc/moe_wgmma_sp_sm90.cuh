@@ -7,17 +7,18 @@
 //                the per-warp A fragment of wgmma.sp, and its metadata register is the mma.sp one (selector 0);
 //                it moves global -> shared (cp.async ring) -> registers as in the sm80 kernel.
 //   B (tokens)   from shared memory through a matrix descriptor: gathered by cp.async (16 B per copy) into the
-//                K-major, no-swizzle canonical layout of 8x8 core matrices (128 contiguous bytes: 8 token rows x
-//                16 B of K); core matrix (8-token group j, k-chunk c) at j * SBO + c * 128 bytes, LBO = 128.
+//                K-major 128-byte-swizzled layout (a token row's 64 k of a slot = one 128-byte row of an 8-row,
+//                1024-byte atom; eight threads copy one row, i.e. one whole 128-byte line). The no-swizzle
+//                layout (SAMOYEDS_WG_SWIZZLE=0: 8x8 core matrices, LBO 128, SBO between 8-token groups) is
+//                correct too but made the w13 kernel 1.8x slower on an H200 (4x the L2 requests).
 //   C/D          f32 in registers; per warp d[4j + r] is the mma.sync m16n8 fragment of n-tile j, so the
 //                store_epilogue of the sm80 kernel applies unchanged.
 // Per k-block of KB k-steps: wait for the ring slot, fence.proxy.async (cp.async writes are generic-proxy writes
 // that wgmma reads through the async proxy), barrier, refill the slot retired two blocks ago, load the block's
 // A and metadata into registers, wgmma.fence, issue, commit, wait_group 1 (the block stays in flight while the
 // next one is prepared).
-// Status (H200, docs/PERFORMANCE.md): GPU-validated, but not faster than the mma.sp kernels yet, so it is
-// opt-in (SAMOYEDS_WGMMA). 1:2:V+2:4 would need A from shared memory (SS form): with two accumulator banks and
-// A in registers ptxas serialises the wgmmas. docs/HOPPER_PREFILL_NOTES.md has what was measured and the plan.
+// 1:2:V+2:4 would need A from shared memory (SS form): with two accumulator banks and A in registers ptxas
+// serialises the wgmmas. docs/HOPPER_PREFILL_NOTES.md has what was measured and the plan.
 #pragma once
 
 #include <type_traits>
@@ -140,10 +141,25 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint3
          (static_cast<uint64_t>(sbo >> 4) << 32);
 }
 
+// Descriptor of k-step kk of a token slot at addr. Swizzled: k-step kk starts kk * 64 bytes into each 128-byte
+// row (the hardware applies the XOR on the address bits), layout type 1 (128B), LBO unused (encoded 1), SBO =
+// one 8-row atom. Not swizzled: core matrices 128 bytes apart along K, SBO between 8-token groups.
+template <bool SWIZZLED>
+__device__ __forceinline__ uint64_t token_desc(uint32_t addr, int kk, uint32_t sbo) {
+  if constexpr (SWIZZLED) {
+    return smem_desc(addr + kk * 64, 16, sbo) | (1ull << 62);
+  } else {
+    return smem_desc(addr + kk * 4 * 128, 128, sbo);
+  }
+}
+
 // Tile of the wgmma kernel: kWgGroups warpgroups stacked along M (each 64 stored rows = 4 m-tiles, one per
 // warp) x kWgBN tokens; a ring of kWgStages slots of kWgKB k-steps. Build-time overrides for tuning sweeps.
 #ifndef SAMOYEDS_WG_KB
 #define SAMOYEDS_WG_KB 2
+#endif
+#ifndef SAMOYEDS_WG_SWIZZLE  // token tile in the 128-byte-swizzled K-major layout (1) or without swizzle (0)
+#define SAMOYEDS_WG_SWIZZLE 1
 #endif
 #ifndef SAMOYEDS_WG_STAGES
 #define SAMOYEDS_WG_STAGES 5
@@ -153,7 +169,8 @@ constexpr int kWgKB = SAMOYEDS_WG_KB, kWgStages = SAMOYEDS_WG_STAGES;
 static_assert(kWgStages >= 3, "a slot is refilled two blocks after its wgmmas were issued");
 
 // Ring slot layout (bytes): weights [warp][group][k-step][lane] x 16, metadata [warp][group][k-step][16] x 4,
-// tokens as 8x8 core matrices: (8-token group j, 16-byte k-chunk c) at j * kSbo + c * 128.
+// tokens: 8-token group j at j * kSbo (swizzled: one 1024-byte atom; else core matrices (j, chunk c) at
+// j * kSbo + c * 128).
 template <typename T, int G>
 struct WgSmem {
   static constexpr int kKBlk = 32 * kWgKB;
@@ -162,7 +179,7 @@ struct WgSmem {
   static constexpr uint32_t kSbo = (kKBlk / 8) * 128;
   static constexpr uint32_t kBStage = (kWgBN / 8) * kSbo;
   static constexpr uint32_t kMOff = kWgStages * kAStage, kBOff = kMOff + kWgStages * kMStage;
-  static constexpr int bytes() { return static_cast<int>(kBOff + kWgStages * kBStage); }
+  static constexpr int bytes() { return static_cast<int>(kBOff + kWgStages * kBStage) + 1024; }  // + alignment
 };
 
 template <typename T, int G>
@@ -208,19 +225,28 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
   const int nt_active = (__syncthreads_count(valid) + 7) >> 3;
   const int load_rows = nt_active * 8;
 
-  const uint32_t smem = smem_addr(smem_raw);
+  const uint32_t smem = (smem_addr(smem_raw) + 1023) & ~1023u;  // swizzle atoms are 1024-byte aligned
   const uint32_t a_sm = smem + warp * L::kAWarp + lane * 16;
   const uint32_t m_sm_w = smem + L::kMOff + warp * L::kMWarp + (lane & 3) * 16;
   const uint32_t m_sm_r = smem + L::kMOff + warp * L::kMWarp + (2 * g + (t & 1)) * 4;
+  const int tid = threadIdx.x;
+#if SAMOYEDS_WG_SWIZZLE
+  // 128-byte swizzle: a token row's KBLK = 64 values are one 128-byte row of an 8-row atom (1024 bytes, 8-token
+  // group j at j * kSbo), its 16-byte chunk c stored at chunk c ^ (row % 8). Eight neighbouring threads copy one
+  // row (a whole 128-byte line of global memory, one contiguous 128 bytes of shared memory).
+  static_assert(KBLK * sizeof(T) == 128 && GROUP_THREADS == 64, "the swizzled token tile holds 64 k per row");
+  const int tok_chunk = tid & 7, r8 = (tid >> 3) & 7, grp0 = tid >> 6;
+  const uint32_t b_sm_w = smem + L::kBOff + grp0 * L::kSbo + r8 * 128 + ((tok_chunk ^ r8) << 4);
+#else
   // Token copies: within 16 threads, (row r8 of an 8-token group, k-chunk parity) so that two neighbouring
   // threads copy one 32-byte sector of a token row and 16 threads fill 256 contiguous bytes of shared memory;
   // the next bits pick the k-chunk pair, the rest the 8-token group; copy i moves GROUPS_PER_PASS groups on.
-  const int tid = threadIdx.x;
   const int r8 = (tid >> 1) & 7;
   const int tok_chunk = (tid & 1) + 2 * ((tid >> 4) % (CPR / 2));
   const int grp0 = tid / GROUP_THREADS;
-  const int tok_col = tok_chunk * 8;
   const uint32_t b_sm_w = smem + L::kBOff + grp0 * L::kSbo + tok_chunk * 128 + r8 * 16;
+#endif
+  const int tok_col = tok_chunk * 8;
   const T* tok_src[TOKEN_COPIES];
   bool tok_ok[TOKEN_COPIES];
 #pragma unroll
@@ -306,7 +332,7 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
 #pragma unroll
       for (int gr = 0; gr < G; ++gr)
         WgmmaSp<T, kWgBN>::mma(reinterpret_cast<float(&)[kWgBN / 2]>(acc[0][gr][0][0]), a[buf][kk][gr],
-                               smem_desc(b_st + kk * 4 * 128, 128, L::kSbo), meta[buf][kk][gr]);
+                               token_desc<SAMOYEDS_WG_SWIZZLE != 0>(b_st, kk, L::kSbo), meta[buf][kk][gr]);
     };
     wgmma_fence();
     if (s0 + KB <= S) {  // a whole block: one straight run of wgmmas
