@@ -175,13 +175,12 @@ void launch_wgmma(const GemmArgs& a, int splits, cudaStream_t stream, const char
   SAMOYEDS_CHECK_LAUNCH(what);
 }
 
-// The wgmma path (2:4, capability 9.0; the JIT build targets sm_90a there) is opt-in until it beats the mma.sp
-// kernels (H200: equal at Mixtral 2048 tokens, 15% slower at Qwen3-30B-A3B; docs/PERFORMANCE.md).
-// SAMOYEDS_WGMMA (samoyeds_vllm/envs.py): 0 (default) never, 1 when an expert gets >= kWgmmaMinPairs pairs on
-// average, 2 for every 2:4 call (tests).
+// The wgmma path (2:4, capability 9.0; the JIT build targets sm_90a there) takes the prefill-size calls: an
+// expert gets >= kWgmmaMinPairs pairs on average (H200 crossover, docs/PERFORMANCE.md). SAMOYEDS_WGMMA
+// (samoyeds_vllm/envs.py): 1 (default) by that rule, 0 never, 2 for every 2:4 call (tests).
 constexpr double kWgmmaMinPairs = 96.0;
 bool wgmma_wanted(double pairs_per_expert, int device) {
-  static const int mode = env_int("SAMOYEDS_WGMMA", 0);
+  static const int mode = env_int("SAMOYEDS_WGMMA", 1);
   if (mode == 0 || (mode == 1 && pairs_per_expert < kWgmmaMinPairs)) return false;
   int major = 0, minor = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
