@@ -176,9 +176,11 @@ void launch_wgmma(const GemmArgs& a, int splits, cudaStream_t stream, const char
 }
 
 // The wgmma path (2:4, capability 9.0; the JIT build targets sm_90a there) takes the prefill-size calls: an
-// expert gets >= kWgmmaMinPairs pairs on average (H200 crossover, docs/PERFORMANCE.md). SAMOYEDS_WGMMA
+// expert gets >= kWgmmaMinPairs pairs on average. H200 crossover (benchmarks/results/wgmma_crossover_*.json):
+// the mma.sp kernels win up to 48 pairs per expert (Qwen3-30B-A3B, OLMoE: 0.73-0.90x), wgmma.sp from 64 on
+// (1.11-1.33x at 64, 1.1-1.7x beyond, Mixtral, Qwen3-30B-A3B and OLMoE shapes). SAMOYEDS_WGMMA
 // (samoyeds_vllm/envs.py): 1 (default) by that rule, 0 never, 2 for every 2:4 call (tests).
-constexpr double kWgmmaMinPairs = 96.0;
+constexpr double kWgmmaMinPairs = 64.0;
 bool wgmma_wanted(double pairs_per_expert, int device) {
   static const int mode = env_int("SAMOYEDS_WGMMA", 1);
   if (mode == 0 || (mode == 1 && pairs_per_expert < kWgmmaMinPairs)) return false;
