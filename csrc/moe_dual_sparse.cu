@@ -283,9 +283,12 @@ void dispatch_tiles(const RoutingInputs& r, const at::Tensor& topk_weights, cons
                     const at::Tensor& w13_meta, const at::Tensor* w13_rowsel, const at::Tensor& w2_values,
                     const at::Tensor& w2_meta, const at::Tensor* w2_rowsel, int chunk, at::Tensor& out) {
   const double pairs_per_expert = r.pairs_per_expert;
-  // BN = 8 (split-K decode kernel) while an expert almost surely gets <= 8 pairs (mean + 2 sd of a Poisson
-  // count). Wider tiles skip their empty n-tiles at run time, so a tile is sized for the busiest expert
-  // (mean + 3 sd): an expert that overflows a tile reads all of its weights again.
+  // Token tile by the average pairs per expert p. BN = 8 (split-K decode kernel) below 4; BN = 16 up to 10,
+  // although the busiest experts then overflow into a second tile; BN = 32 while the busiest expert (mean + 3
+  // sd of a Poisson count) fits, else the wide tile. Wider tiles skip their empty n-tiles at run time, but an
+  // expert that overflows a tile reads all of its weights again. The 4 and 10 come from an H200 sweep of forced
+  // tiles (SAMOYEDS_TOKEN_TILE) on Mixtral-8x7B, Qwen3-30B-A3B and OLMoE shapes, 2:4 and 1:2:128+2:4: at p = 4
+  // BN = 16 beat 8 by 3-11%; at p = 8 BN = 16 beat 32 by 3-10%; at p = 12 OLMoE lost 10-14% with 16.
   const double sd = std::sqrt(pairs_per_expert);
   const double busiest = pairs_per_expert + 3.0 * sd;
   auto run = [&](auto nt) {
@@ -316,9 +319,9 @@ void dispatch_tiles(const RoutingInputs& r, const at::Tensor& topk_weights, cons
     if (forced == 16) run(std::integral_constant<int, 2>{});
     if (forced == 32) run(std::integral_constant<int, 4>{});
     if (forced == 64) run_wide();
-  } else if (pairs_per_expert + 2.0 * sd <= 8.0) {
+  } else if (pairs_per_expert < 4.0) {
     run(std::integral_constant<int, 1>{});
-  } else if (busiest <= 16.0) {
+  } else if (pairs_per_expert <= 10.0) {
     run(std::integral_constant<int, 2>{});
   } else if (busiest <= 32.0) {
     run(std::integral_constant<int, 4>{});
