@@ -40,14 +40,15 @@ at::Tensor contiguous_aligned(const at::Tensor& x) {
 struct RoutingInputs {
   at::Tensor x, ids, map;  // contiguous (x 16-byte aligned), int32 expert map or undefined
   const at::Tensor* map_ptr;
-  double pairs_per_expert;  // T * k / E_local: picks the token tile
+  double pairs_per_expert;  // T * k / E_global (pairs a local expert gets on average): picks the token tile
   RoutingInputs(const at::Tensor& x_in, const at::Tensor& topk_ids, const std::optional<at::Tensor>& expert_map,
                 int64_t num_experts)
       : x(contiguous_aligned(x_in)),
         ids(topk_ids.contiguous()),
         map(expert_map ? expert_map->to(at::kInt).contiguous() : at::Tensor()),
         map_ptr(expert_map ? &map : nullptr),
-        pairs_per_expert(static_cast<double>(x_in.size(0)) * topk_ids.size(1) / num_experts) {}
+        pairs_per_expert(static_cast<double>(x_in.size(0)) * topk_ids.size(1) /
+                         (expert_map ? expert_map->size(0) : num_experts)) {}
   RoutingInputs(const RoutingInputs&) = delete;  // map_ptr points into this object
   RoutingInputs& operator=(const RoutingInputs&) = delete;
 };
@@ -85,9 +86,10 @@ struct GemmArgs {
 
 // Kernel configurations. Only these are instantiated (compile time), all measured on H100/H200:
 //   split-K kernel  (BN = 8, K >= 2048): 8 warps split K within the CTA, KB = 4 k-steps per load batch.
-//   pipelined kernel (BN = 8 with short K, BN = 16, 32, 64): one m-tile per warp, a cp.async ring of
-//       KB-k-step stages (PipeConfig), long-K w2 GEMMs split over grid.z.
-// The token tile BN = 8 * NT (8, 16, 32, 64) is chosen in dispatch_tiles.
+//   pipelined kernel (BN = 8 with short K, BN = 16, 32, 64): one m-tile per warp (two in the 64-token 2:4 w2),
+//       a cp.async ring of KB-k-step stages (PipeConfig), long-K w2 GEMMs split over grid.z.
+//   wgmma.sp kernel (moe_wgmma_sp_sm90.cuh; 2:4, BN = 128, capability 9.0): prefill-size calls.
+// The token tile BN = 8 * NT (8, 16, 32, 64; 128 for wgmma.sp) is chosen in dispatch_tiles.
 constexpr int kSplitKWarps = 8, kSplitKBlock = 4;
 constexpr int kSplitKMinSteps = 64;  // below 64 k-steps (K < 2048) 8 warps would idle: use the pipelined kernel
 
@@ -211,7 +213,8 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
 
   const bool pipelined13 = DENSE || NT > 1 || hidden / 32 < kSplitKMinSteps;
   const bool pipelined2 = DENSE || NT > 1 || inter / 32 < kSplitKMinSteps;
-  // w2 K splits (pipelined kernel only): ~16 CTAs per SM in total, >= 64 k-steps per split, at most 8.
+  // w2 K splits (pipelined and wgmma.sp kernels): ~16 (wgmma.sp: 2) CTAs per SM in total, >= 64 k-steps per
+  // split, at most 8.
   static_assert(!WGMMA || (NT * 8 == kWgBN && !DENSE && !SAMOYEDS), "the wgmma path runs kWgBN-token 2:4 tiles");
   int splits = 1;
   if (pipelined2) {
@@ -288,7 +291,7 @@ void dispatch_tiles(const RoutingInputs& r, const at::Tensor& topk_weights, cons
   // sd of a Poisson count) fits, else the wide tile. Wider tiles skip their empty n-tiles at run time, but an
   // expert that overflows a tile reads all of its weights again. The 4 and 10 come from an H200 sweep of forced
   // tiles (SAMOYEDS_TOKEN_TILE) on Mixtral-8x7B, Qwen3-30B-A3B and OLMoE shapes, 2:4 and 1:2:128+2:4: at p = 4
-  // BN = 16 beat 8 by 3-11%; at p = 8 BN = 16 beat 32 by 3-10%; at p = 12 OLMoE lost 10-14% with 16.
+  // BN = 16 beat 8 by 3-11%; at p = 8 BN = 16 beat 32 by 1-9%; at p = 12 OLMoE lost 10-14% with 16.
   const double sd = std::sqrt(pairs_per_expert);
   const double busiest = pairs_per_expert + 3.0 * sd;
   auto run = [&](auto nt) {
@@ -308,7 +311,8 @@ void dispatch_tiles(const RoutingInputs& r, const at::Tensor& topk_weights, cons
   };
   const int forced = forced_token_tile();
   if constexpr (!DENSE && !SAMOYEDS) {
-    if (forced == 0 && wgmma_wanted(pairs_per_expert, r.x.get_device())) {
+    const bool tile_forced = forced == 8 || forced == 16 || forced == 32 || forced == 64;
+    if (!tile_forced && wgmma_wanted(pairs_per_expert, r.x.get_device())) {
       launch_moe<T, kWgBN / 8, SAMOYEDS, DENSE, true>(r.x, topk_weights, r.ids, w13_values, w13_meta, w13_rowsel,
                                                       w2_values, w2_meta, w2_rowsel, chunk, r.map_ptr, out);
       return;

@@ -16,10 +16,12 @@
 //      K over grid.z (each split a plain store, no atomics).
 //   4. moe_combine_kernel: out[t] = sum_z sum_j slot_out[z, t*k + j] in fp32, z then j ascending
 //      (deterministic: no atomics).
-// Steps 2 and 3 each run one of two kernels (the launcher picks per GEMM, see moe_dual_sparse.cu):
+// Steps 2 and 3 each run one of these kernels (the launcher picks per GEMM, see moe_dual_sparse.cu):
 //   moe_mma_sp_kernel           BN = 8 and K >= 2048: split-K over the CTA's 8 warps (decode).
-//   moe_mma_sp_pipelined_kernel otherwise: one m-tile per warp, tokens and weights through a cp.async ring,
-//                               token fragments by ldmatrix, n-tiles without tokens skipped at run time.
+//   moe_mma_sp_pipelined_kernel otherwise: one m-tile per warp (two in the 64-token 2:4 w2), tokens and
+//                               weights through a cp.async ring, token fragments by ldmatrix, n-tiles
+//                               without tokens skipped at run time.
+//   moe_wgmma_sp_kernel         (moe_wgmma_sp_sm90.cuh) 2:4 prefill on capability 9.0.
 //
 // Operands of one mma.sp.m16n8k32 (A = weights, output features on M; B = tokens on N; K = reduction):
 //   A (global, kernel layout, see samoyeds_vllm/ops/kernel_layout.py): per (expert, m-tile, group, k-step)
@@ -597,7 +599,8 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   const int g = lane >> 2, t = lane & 3;
   const int mt = (blockIdx.y * WARPS + warp) * MPW;  // the warp's (first) m-tile
   const bool active = mt < num_mtiles;
-  // w2 with two m-tiles per warp: the last warp may own one only; otherwise every stream is the warp's own
+  // w2 with two m-tiles per warp: the last warp may own one only (never for today's shapes: H / 16 is even);
+  // otherwise every stream is the warp's own
   const int streams = NS == G ? NS : min(NS, num_mtiles - mt);
   const int S = K >> 5;
   // K split z (w2 only) owns k-blocks [blk_begin, blk_end).

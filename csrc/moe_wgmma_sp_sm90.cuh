@@ -154,7 +154,8 @@ __device__ __forceinline__ uint64_t token_desc(uint32_t addr, int kk, uint32_t s
 }
 
 // Tile of the wgmma kernel: kWgGroups warpgroups stacked along M (each 64 stored rows = 4 m-tiles, one per
-// warp) x kWgBN tokens; a ring of kWgStages slots of kWgKB k-steps. Build-time overrides for tuning sweeps.
+// warp) x kWgBN tokens; a ring of kWgStages slots of kWgKB k-steps. Build-time overrides for tuning sweeps
+// (the swizzled token layout needs KB = 2: one 128-byte row of 64 k per token and slot).
 #ifndef SAMOYEDS_WG_KB
 #define SAMOYEDS_WG_KB 2
 #endif
@@ -365,6 +366,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
   if (active)
     store_epilogue<T, G, G, NT, false>(acc, state, nt_active, tile * kWgBN, mt, 1, g, t, sorted_pairs, topk_weights,
                                        dst, out_ld);
+#else
+  __trap();  // launched only on capability 9.0, where the JIT build targets sm_90a: a build without wgmma fails loudly
 #endif
 }
 
