@@ -553,6 +553,29 @@ __host__ __device__ constexpr int kernel_streams() {
   return (G == 1 && NT == 8 && !SAMOYEDS && !DENSE) ? SAMOYEDS_W2_STREAMS : G;
 }
 
+// K split z = blockIdx.z of gridDim.z (w2 only) owns k-blocks [x, y) of total_blk.
+__device__ __forceinline__ int2 k_split_blocks(int total_blk) {
+  return make_int2(static_cast<int>(static_cast<long long>(total_blk) * blockIdx.z / gridDim.z),
+                   static_cast<int>(static_cast<long long>(total_blk) * (blockIdx.z + 1) / gridDim.z));
+}
+
+// Block-wide (one barrier): rows[i] = the activation row of the tile's i-th pair (x row token for w13, G = 2;
+// intermediate row for w2), nullptr for padding; returns the n-tiles of 8 that hold tokens (a tile's pairs fill
+// its first rows, moe_prepare_kernel).
+template <typename T, int BN, int G>
+__device__ __forceinline__ int gather_tile_rows(const T* act, const int32_t* __restrict__ sorted_pairs, int tile,
+                                                int topk, int K, const T** rows) {
+  bool valid = false;
+  if (threadIdx.x < BN) {
+    const int r = tile * BN + threadIdx.x;
+    const int pair = sorted_pairs[r];
+    const long long src = (G == 2) ? static_cast<long long>(pair / topk) : static_cast<long long>(r);
+    valid = pair >= 0;
+    rows[threadIdx.x] = valid ? act + src * K : nullptr;
+  }
+  return (__syncthreads_count(valid) + 7) >> 3;
+}
+
 // Bytes of dynamic shared memory moe_mma_sp_pipelined_kernel needs.
 template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS, bool DENSE = false>
 constexpr int pipelined_smem_bytes() {
@@ -603,22 +626,12 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   // otherwise every stream is the warp's own
   const int streams = NS == G ? NS : min(NS, num_mtiles - mt);
   const int S = K >> 5;
-  // K split z (w2 only) owns k-blocks [blk_begin, blk_end).
-  const int total_blk = (S + KB - 1) / KB;
-  const int blk_begin = static_cast<int>(static_cast<long long>(total_blk) * blockIdx.z / gridDim.z);
-  const int blk_end = static_cast<int>(static_cast<long long>(total_blk) * (blockIdx.z + 1) / gridDim.z);
+  const int2 blk_range = k_split_blocks((S + KB - 1) / KB);  // K split z (w2 only): k-blocks [x, y)
+  const int blk_begin = blk_range.x, blk_end = blk_range.y;
   const int nblk = blk_end - blk_begin;
-  bool valid = false;
-  if (threadIdx.x < BN) {
-    const int r = tile * BN + threadIdx.x;
-    const int pair = sorted_pairs[r];
-    const long long src = (G == 2) ? static_cast<long long>(pair / topk) : static_cast<long long>(r);
-    valid = pair >= 0;
-    rows[threadIdx.x] = valid ? act + src * K : nullptr;
-  }
-  // A tile's pairs fill its first rows (moe_prepare_kernel), so only the first nt_active n-tiles hold tokens:
-  // the rest are neither loaded nor multiplied (a tile sized for the busiest expert costs the others nothing).
-  const int nt_active = (__syncthreads_count(valid) + 7) >> 3;
+  // Only the first nt_active n-tiles hold tokens: the rest are neither loaded nor multiplied (a tile sized for
+  // the busiest expert costs the others nothing).
+  const int nt_active = gather_tile_rows<T, BN, G>(act, sorted_pairs, tile, topk, K, rows);
   const int load_rows = nt_active * 8;
 
   // Ring addresses of this thread (stage 0; stage st adds st * stage bytes):

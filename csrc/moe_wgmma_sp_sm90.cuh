@@ -32,43 +32,46 @@
 namespace samoyeds {
 
 // d[N/2] += A (64 x 32 logical, 2:4-compressed; this warp's 16 rows from registers) * B (32 x N tokens, K-major,
-// through the shared-memory descriptor); f32 accumulate, sparsity selector 0. The operand lists are spelled out
-// (N = 128 is the one the kernel uses).
+// through the shared-memory descriptor); f32 accumulate, sparsity selector 0. N = 128 is the one the kernel uses.
 template <typename T, int N>
 struct WgmmaSp;
+
+// The 64 accumulator operands are spelled out once, for both input types.
+#define SAMOYEDS_WGMMA_SP_M64N128K32(PTX_TYPE)                                                                         \
+    asm volatile(                                                                                                      \
+      "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." PTX_TYPE "." PTX_TYPE " {"                                     \
+      "%0,%1,%2,%3,%4,%5,%6,%7,"                                                                                       \
+      "%8,%9,%10,%11,%12,%13,%14,%15,"                                                                                 \
+      "%16,%17,%18,%19,%20,%21,%22,%23,"                                                                               \
+      "%24,%25,%26,%27,%28,%29,%30,%31,"                                                                               \
+      "%32,%33,%34,%35,%36,%37,%38,%39,"                                                                               \
+      "%40,%41,%42,%43,%44,%45,%46,%47,"                                                                               \
+      "%48,%49,%50,%51,%52,%53,%54,%55,"                                                                               \
+      "%56,%57,%58,%59,%60,%61,%62,%63"                                                                                \
+      "}, {%64,%65,%66,%67}, %68, %69, 0, 1, 1, 1, 0;\n"                                                               \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),                                                                \
+        "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                                                                \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),                                                              \
+        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),                                                            \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),                                                            \
+        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),                                                            \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),                                                            \
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),                                                            \
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),                                                            \
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),                                                            \
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),                                                            \
+        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),                                                            \
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),                                                            \
+        "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),                                                            \
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),                                                            \
+        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                                                             \
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(desc), "r"(meta))
 
 template <>
 struct WgmmaSp<__nv_bfloat16, 128> {
   static __device__ __forceinline__ void mma(float (&d)[64], const uint4& a, uint64_t desc, uint32_t meta) {
 #if defined(SAMOYEDS_HAS_WGMMA)
-    asm volatile(
-      "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16 {"
-      "%0,%1,%2,%3,%4,%5,%6,%7,"
-      "%8,%9,%10,%11,%12,%13,%14,%15,"
-      "%16,%17,%18,%19,%20,%21,%22,%23,"
-      "%24,%25,%26,%27,%28,%29,%30,%31,"
-      "%32,%33,%34,%35,%36,%37,%38,%39,"
-      "%40,%41,%42,%43,%44,%45,%46,%47,"
-      "%48,%49,%50,%51,%52,%53,%54,%55,"
-      "%56,%57,%58,%59,%60,%61,%62,%63"
-      "}, {%64,%65,%66,%67}, %68, %69, 0, 1, 1, 1, 0;\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
-        "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
-        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
-        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
-        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),
-        "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
-        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(desc), "r"(meta));
+    SAMOYEDS_WGMMA_SP_M64N128K32("bf16");
 #endif
   }
 };
@@ -77,34 +80,7 @@ template <>
 struct WgmmaSp<__half, 128> {
   static __device__ __forceinline__ void mma(float (&d)[64], const uint4& a, uint64_t desc, uint32_t meta) {
 #if defined(SAMOYEDS_HAS_WGMMA)
-    asm volatile(
-      "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 {"
-      "%0,%1,%2,%3,%4,%5,%6,%7,"
-      "%8,%9,%10,%11,%12,%13,%14,%15,"
-      "%16,%17,%18,%19,%20,%21,%22,%23,"
-      "%24,%25,%26,%27,%28,%29,%30,%31,"
-      "%32,%33,%34,%35,%36,%37,%38,%39,"
-      "%40,%41,%42,%43,%44,%45,%46,%47,"
-      "%48,%49,%50,%51,%52,%53,%54,%55,"
-      "%56,%57,%58,%59,%60,%61,%62,%63"
-      "}, {%64,%65,%66,%67}, %68, %69, 0, 1, 1, 1, 0;\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
-        "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
-        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
-        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
-        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),
-        "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
-        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(desc), "r"(meta));
+    SAMOYEDS_WGMMA_SP_M64N128K32("f16");
 #endif
   }
 };
@@ -211,19 +187,10 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
   const bool active = mt < num_mtiles;
   const int mt_load = active ? mt : num_mtiles - 1;
   const int S = K >> 5;
-  const int total_blk = (S + KB - 1) / KB;
-  const int blk_begin = static_cast<int>(static_cast<long long>(total_blk) * blockIdx.z / gridDim.z);
-  const int blk_end = static_cast<int>(static_cast<long long>(total_blk) * (blockIdx.z + 1) / gridDim.z);
-  const int nblk = blk_end - blk_begin;
-  bool valid = false;
-  if (threadIdx.x < kWgBN) {
-    const int r = tile * kWgBN + threadIdx.x;
-    const int pair = sorted_pairs[r];
-    const long long src = (G == 2) ? static_cast<long long>(pair / topk) : static_cast<long long>(r);
-    valid = pair >= 0;
-    rows[threadIdx.x] = valid ? act + src * K : nullptr;
-  }
-  const int nt_active = (__syncthreads_count(valid) + 7) >> 3;
+  const int2 blk_range = k_split_blocks((S + KB - 1) / KB);
+  const int blk_begin = blk_range.x;
+  const int nblk = blk_range.y - blk_begin;
+  const int nt_active = gather_tile_rows<T, kWgBN, G>(act, sorted_pairs, tile, topk, K, rows);
   const int load_rows = nt_active * 8;
 
   const uint32_t smem = (smem_addr(smem_raw) + 1023) & ~1023u;  // swizzle atoms are 1024-byte aligned
