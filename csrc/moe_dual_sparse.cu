@@ -127,15 +127,21 @@ struct PipeShape {
 template <bool SAMOYEDS, bool DENSE = false>
 using PipeConfig = PipeShape<DENSE ? 424 : (SAMOYEDS ? SAMOYEDS_PIPE_SAMOYEDS : SAMOYEDS_PIPE_24)>;
 
+// Lets Kernel use smem bytes of dynamic shared memory (above the 48 KB default): once per kernel, before any
+// CUDA-graph capture.
+template <auto Kernel>
+void reserve_dynamic_smem(int smem, const char* what) {
+  static const cudaError_t configured = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  TORCH_CHECK(configured == cudaSuccess, "samoyeds MoE kernels: cannot reserve ", smem,
+              " bytes of shared memory for ", what, ": ", cudaGetErrorString(configured));
+}
+
 template <typename T, int G, int NT, bool SAMOYEDS, bool DENSE>
 void launch_pipelined(const GemmArgs& a, int splits, cudaStream_t stream, const char* what) {
   using C = PipeConfig<SAMOYEDS, DENSE>;
   constexpr auto kernel = moe_mma_sp_pipelined_kernel<T, G, NT, C::kWarps, C::kBlock, C::kStages, SAMOYEDS, DENSE>;
   constexpr int smem = pipelined_smem_bytes<T, G, NT, C::kWarps, C::kBlock, C::kStages, SAMOYEDS, DENSE>();
-  static const cudaError_t configured =  // once per instantiation, before any graph capture
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  TORCH_CHECK(configured == cudaSuccess, "samoyeds MoE kernels: cannot reserve ", smem,
-              " bytes of shared memory for ", what, ": ", cudaGetErrorString(configured));
+  reserve_dynamic_smem<kernel>(smem, what);
   constexpr int mtiles_per_cta = C::kWarps * (kernel_streams<G, NT, SAMOYEDS, DENSE>() / G);  // w2: 2 per warp
   const dim3 grid(a.max_tiles, (a.num_mtiles + mtiles_per_cta - 1) / mtiles_per_cta, splits);
   kernel<<<grid, C::kWarps * 32, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
@@ -165,10 +171,7 @@ template <typename T, int G>
 void launch_wgmma(const GemmArgs& a, int splits, cudaStream_t stream, const char* what) {
   constexpr auto kernel = moe_wgmma_sp_kernel<T, G>;
   constexpr int smem = WgSmem<T, G>::bytes();
-  static const cudaError_t configured =  // once per instantiation, before any graph capture
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  TORCH_CHECK(configured == cudaSuccess, "samoyeds MoE kernels: cannot reserve ", smem,
-              " bytes of shared memory for ", what, ": ", cudaGetErrorString(configured));
+  reserve_dynamic_smem<kernel>(smem, what);
   const dim3 grid(a.max_tiles, (a.num_mtiles + kWgWarps - 1) / kWgWarps, splits);
   kernel<<<grid, kWgWarps * 32, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
                                                 static_cast<const uint32_t*>(a.meta), a.sorted_pairs, a.tile_expert,

@@ -9,8 +9,8 @@
 //   B (tokens)   from shared memory through a matrix descriptor: gathered by cp.async (16 B per copy) into the
 //                K-major 128-byte-swizzled layout (a token row's 64 k of a slot = one 128-byte row of an 8-row,
 //                1024-byte atom; eight threads copy one row, i.e. one whole 128-byte line). The no-swizzle
-//                layout (SAMOYEDS_WG_SWIZZLE=0: 8x8 core matrices, LBO 128, SBO between 8-token groups) is
-//                correct too but made the w13 kernel 1.8x slower on an H200 (4x the L2 requests).
+//                core-matrix layout (LBO 128, SBO between 8-token groups; commit cb67ef8) is correct too but
+//                made the w13 kernel 1.8x slower on an H200 (4x the L2 requests).
 //   C/D          f32 in registers; per warp d[4j + r] is the mma.sync m16n8 fragment of n-tile j, so the
 //                store_epilogue of the sm80 kernel applies unchanged.
 // Per k-block of KB k-steps: wait for the ring slot, fence.proxy.async (cp.async writes are generic-proxy writes
@@ -117,43 +117,31 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint3
          (static_cast<uint64_t>(sbo >> 4) << 32);
 }
 
-// Descriptor of k-step kk of a token slot at addr. Swizzled: k-step kk starts kk * 64 bytes into each 128-byte
-// row (the hardware applies the XOR on the address bits), layout type 1 (128B), LBO unused (encoded 1), SBO =
-// one 8-row atom. Not swizzled: core matrices 128 bytes apart along K, SBO between 8-token groups.
-template <bool SWIZZLED>
+// Descriptor of k-step kk of a 128-byte-swizzled token slot at addr: k-step kk starts kk * 64 bytes into each
+// 128-byte row (the hardware applies the XOR on the address bits), layout type 1 (128B), LBO unused (encoded
+// 1), SBO = one 8-row atom.
 __device__ __forceinline__ uint64_t token_desc(uint32_t addr, int kk, uint32_t sbo) {
-  if constexpr (SWIZZLED) {
-    return smem_desc(addr + kk * 64, 16, sbo) | (1ull << 62);
-  } else {
-    return smem_desc(addr + kk * 4 * 128, 128, sbo);
-  }
+  return smem_desc(addr + kk * 64, 16, sbo) | (1ull << 62);
 }
 
 // Tile of the wgmma kernel: kWgGroups warpgroups stacked along M (each 64 stored rows = 4 m-tiles, one per
-// warp) x kWgBN tokens; a ring of kWgStages slots of kWgKB k-steps. Build-time overrides for tuning sweeps
-// (the swizzled token layout needs KB = 2: one 128-byte row of 64 k per token and slot).
-#ifndef SAMOYEDS_WG_KB
-#define SAMOYEDS_WG_KB 2
-#endif
-#ifndef SAMOYEDS_WG_SWIZZLE  // token tile in the 128-byte-swizzled K-major layout (1) or without swizzle (0)
-#define SAMOYEDS_WG_SWIZZLE 1
-#endif
+// warp) x kWgBN tokens; a ring of kWgStages slots of kWgKB = 2 k-steps (64 k: one 128-byte swizzled row per
+// token and slot). The ring depth can be overridden for tuning sweeps.
 #ifndef SAMOYEDS_WG_STAGES
 #define SAMOYEDS_WG_STAGES 5
 #endif
 constexpr int kWgBN = 128, kWgGroups = 2, kWgWarps = 4 * kWgGroups;
-constexpr int kWgKB = SAMOYEDS_WG_KB, kWgStages = SAMOYEDS_WG_STAGES;
+constexpr int kWgKB = 2, kWgStages = SAMOYEDS_WG_STAGES;
 static_assert(kWgStages >= 3, "a slot is refilled two blocks after its wgmmas were issued");
 
 // Ring slot layout (bytes): weights [warp][group][k-step][lane] x 16, metadata [warp][group][k-step][16] x 4,
-// tokens: 8-token group j at j * kSbo (swizzled: one 1024-byte atom; else core matrices (j, chunk c) at
-// j * kSbo + c * 128).
+// tokens: 8-token group j at j * kSbo, one 1024-byte 128B-swizzle atom.
 template <typename T, int G>
 struct WgSmem {
   static constexpr int kKBlk = 32 * kWgKB;
   static constexpr uint32_t kAWarp = kWgKB * G * 512, kMWarp = kWgKB * G * 64;
   static constexpr uint32_t kAStage = kWgWarps * kAWarp, kMStage = kWgWarps * kMWarp;
-  static constexpr uint32_t kSbo = (kKBlk / 8) * 128;
+  static constexpr uint32_t kSbo = 8 * 128;
   static constexpr uint32_t kBStage = (kWgBN / 8) * kSbo;
   static constexpr uint32_t kMOff = kWgStages * kAStage, kBOff = kMOff + kWgStages * kMStage;
   static constexpr int bytes() { return static_cast<int>(kBOff + kWgStages * kBStage) + 1024; }  // + alignment
@@ -169,11 +157,10 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
 #if defined(SAMOYEDS_HAS_WGMMA)
   using L = WgSmem<T, G>;
   constexpr int NT = kWgBN / 8, KB = kWgKB, STAGES = kWgStages, THREADS = kWgWarps * 32;
-  constexpr int KBLK = L::kKBlk, CPR = KBLK / 8;        // 16-byte k-chunks per token row and slot
-  constexpr int GROUP_THREADS = 8 * CPR;                 // threads that copy one 8-token group
-  constexpr int GROUPS_PER_PASS = THREADS / GROUP_THREADS;
+  constexpr int KBLK = L::kKBlk;
+  constexpr int GROUPS_PER_PASS = THREADS / 64;  // 8 threads per token row, 8 rows per 8-token group
   constexpr int TOKEN_COPIES = NT / GROUPS_PER_PASS;
-  static_assert(THREADS % GROUP_THREADS == 0 && NT % GROUPS_PER_PASS == 0 && CPR % 2 == 0, "token copy mapping");
+  static_assert(KBLK * sizeof(T) == 128 && NT % GROUPS_PER_PASS == 0, "a slot holds one 128-byte row per token");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ const T* rows[kWgBN];
   const int tile = blockIdx.x;
@@ -198,22 +185,12 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
   const uint32_t m_sm_w = smem + L::kMOff + warp * L::kMWarp + (lane & 3) * 16;
   const uint32_t m_sm_r = smem + L::kMOff + warp * L::kMWarp + (2 * g + (t & 1)) * 4;
   const int tid = threadIdx.x;
-#if SAMOYEDS_WG_SWIZZLE
   // 128-byte swizzle: a token row's KBLK = 64 values are one 128-byte row of an 8-row atom (1024 bytes, 8-token
   // group j at j * kSbo), its 16-byte chunk c stored at chunk c ^ (row % 8). Eight neighbouring threads copy one
-  // row (a whole 128-byte line of global memory, one contiguous 128 bytes of shared memory).
-  static_assert(KBLK * sizeof(T) == 128 && GROUP_THREADS == 64, "the swizzled token tile holds 64 k per row");
+  // row (a whole 128-byte line of global memory, one contiguous 128 bytes of shared memory); copy i moves
+  // GROUPS_PER_PASS groups on.
   const int tok_chunk = tid & 7, r8 = (tid >> 3) & 7, grp0 = tid >> 6;
   const uint32_t b_sm_w = smem + L::kBOff + grp0 * L::kSbo + r8 * 128 + ((tok_chunk ^ r8) << 4);
-#else
-  // Token copies: within 16 threads, (row r8 of an 8-token group, k-chunk parity) so that two neighbouring
-  // threads copy one 32-byte sector of a token row and 16 threads fill 256 contiguous bytes of shared memory;
-  // the next bits pick the k-chunk pair, the rest the 8-token group; copy i moves GROUPS_PER_PASS groups on.
-  const int r8 = (tid >> 1) & 7;
-  const int tok_chunk = (tid & 1) + 2 * ((tid >> 4) % (CPR / 2));
-  const int grp0 = tid / GROUP_THREADS;
-  const uint32_t b_sm_w = smem + L::kBOff + grp0 * L::kSbo + tok_chunk * 128 + r8 * 16;
-#endif
   const int tok_col = tok_chunk * 8;
   const T* tok_src[TOKEN_COPIES];
   bool tok_ok[TOKEN_COPIES];
@@ -300,7 +277,7 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
 #pragma unroll
       for (int gr = 0; gr < G; ++gr)
         WgmmaSp<T, kWgBN>::mma(reinterpret_cast<float(&)[kWgBN / 2]>(acc[0][gr][0][0]), a[buf][kk][gr],
-                               token_desc<SAMOYEDS_WG_SWIZZLE != 0>(b_st, kk, L::kSbo), meta[buf][kk][gr]);
+                               token_desc(b_st, kk, L::kSbo), meta[buf][kk][gr]);
     };
     wgmma_fence();
     if (s0 + KB <= S) {  // a whole block: one straight run of wgmmas
