@@ -120,17 +120,12 @@ int forced_token_tile() {
 #ifndef SAMOYEDS_PIPE_SAMOYEDS
 #define SAMOYEDS_PIPE_SAMOYEDS 442
 #endif
-#ifndef SAMOYEDS_PIPE_SPLIT  // 1:2:V+2:4 w13 on 64-token tiles, gate and up rows on two warps (kernel_group_split)
-#define SAMOYEDS_PIPE_SPLIT 824
-#endif
 template <int CODE>
 struct PipeShape {
   static constexpr int kWarps = CODE / 100, kBlock = CODE / 10 % 10, kStages = CODE % 10;
 };
-template <bool SAMOYEDS, bool DENSE = false, bool GROUP_SPLIT = false>
-using PipeConfig = PipeShape<DENSE ? 424
-                                   : (GROUP_SPLIT ? SAMOYEDS_PIPE_SPLIT
-                                                  : (SAMOYEDS ? SAMOYEDS_PIPE_SAMOYEDS : SAMOYEDS_PIPE_24))>;
+template <bool SAMOYEDS, bool DENSE = false>
+using PipeConfig = PipeShape<DENSE ? 424 : (SAMOYEDS ? SAMOYEDS_PIPE_SAMOYEDS : SAMOYEDS_PIPE_24)>;
 
 // Lets Kernel use smem bytes of dynamic shared memory (above the 48 KB default): once per kernel, before any
 // CUDA-graph capture.
@@ -143,11 +138,11 @@ void reserve_dynamic_smem(int smem, const char* what) {
 
 template <typename T, int G, int NT, bool SAMOYEDS, bool DENSE>
 void launch_pipelined(const GemmArgs& a, int splits, cudaStream_t stream, const char* what) {
-  using C = PipeConfig<SAMOYEDS, DENSE, kernel_group_split<G, NT, SAMOYEDS, DENSE>()>;
+  using C = PipeConfig<SAMOYEDS, DENSE>;
   constexpr auto kernel = moe_mma_sp_pipelined_kernel<T, G, NT, C::kWarps, C::kBlock, C::kStages, SAMOYEDS, DENSE>;
   constexpr int smem = pipelined_smem_bytes<T, G, NT, C::kWarps, C::kBlock, C::kStages, SAMOYEDS, DENSE>();
   reserve_dynamic_smem<kernel>(smem, what);
-  constexpr int mtiles_per_cta = kernel_mtiles_per_cta<G, NT, C::kWarps, SAMOYEDS, DENSE>();
+  constexpr int mtiles_per_cta = C::kWarps * (kernel_streams<G, NT, SAMOYEDS, DENSE>() / G);  // w2: 2 per warp
   const dim3 grid(a.max_tiles, (a.num_mtiles + mtiles_per_cta - 1) / mtiles_per_cta, splits);
   kernel<<<grid, C::kWarps * 32, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
                                                  static_cast<const uint32_t*>(a.meta), a.rowsel, a.sorted_pairs,
@@ -229,7 +224,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
     using C = PipeConfig<SAMOYEDS, DENSE>;
     // The wgmma kernel runs one CTA per SM: ~2 waves instead.
     const int kb = WGMMA ? kWgKB : C::kBlock;
-    const int mtiles_per_cta = WGMMA ? kWgWarps : kernel_mtiles_per_cta<1, NT, C::kWarps, SAMOYEDS, DENSE>();
+    const int mtiles_per_cta = WGMMA ? kWgWarps : C::kWarps * kernel_streams<1, NT, SAMOYEDS, DENSE>();
     const int ctas_per_sm = WGMMA ? 2 : 16;
     const int total_blk = (inter / 32 + kb - 1) / kb;
     const int ctas = max_tiles * ((mt2 + mtiles_per_cta - 1) / mtiles_per_cta);
@@ -306,9 +301,17 @@ void dispatch_tiles(const RoutingInputs& r, const at::Tensor& topk_weights, cons
     launch_moe<T, decltype(nt)::value, SAMOYEDS, DENSE>(r.x, topk_weights, r.ids, w13_values, w13_meta, w13_rowsel,
                                                  w2_values, w2_meta, w2_rowsel, chunk, r.map_ptr, out);
   };
-  // Wide tiles: 64 tokens. 1:2:V+2:4 runs its w13 there with the gate and up rows on two warps
-  // (kernel_group_split): two accumulator banks of 64 tokens for both groups would need ~250 registers.
-  auto run_wide = [&] { run(std::integral_constant<int, 8>{}); };
+  // Wide tiles: 64 tokens for 2:4. 1:2:V+2:4 stays at 32 and lets the busiest experts overflow into a second
+  // tile: its two accumulator banks make 64-token tiles need ~250 registers, and the alternatives measured
+  // slower at 128 tokens on Mixtral (H200): 48-token tiles (168 registers, three CTAs per SM) by 6%, two warps
+  // per m-tile splitting a 64-token tile by 26%.
+  auto run_wide = [&] {
+    if constexpr (SAMOYEDS) {
+      run(std::integral_constant<int, 4>{});
+    } else {
+      run(std::integral_constant<int, 8>{});
+    }
+  };
   const int forced = forced_token_tile();
   if constexpr (!DENSE && !SAMOYEDS) {
     const bool tile_forced = forced == 8 || forced == 16 || forced == 32 || forced == 64;

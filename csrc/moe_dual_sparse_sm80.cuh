@@ -545,27 +545,12 @@ struct PipeSmem {
 // (w13: gate and up rows, SwiGLU in the epilogue), or for the 64-token 2:4 w2 (G = 1) two adjacent m-tiles, so
 // every ldmatrix of tokens feeds two MMAs there too. Only there: on narrower tiles and on 1:2:V+2:4 halving
 // w2's CTAs cost more than the saved ldmatrix traffic (H200, kernel_tuning_*.json).
-//
-// Group split: the 64-token 1:2:V+2:4 w13 gives the gate rows and the up rows of an m-tile to two warps (one
-// stream each). Two accumulator banks of 64 tokens for both groups would take ~250 registers; split, a warp holds
-// 64 accumulators, every expert up to 64 tokens reads its weights once, and the gate warp hands its values to the
-// up warp through shared memory for the SwiGLU epilogue (swiglu_group_split_epilogue).
 #ifndef SAMOYEDS_W2_STREAMS  // build-time override for A/B runs (1 = one m-tile per warp in every w2)
 #define SAMOYEDS_W2_STREAMS 2
 #endif
 template <int G, int NT, bool SAMOYEDS, bool DENSE>
-__host__ __device__ constexpr bool kernel_group_split() {
-  return G == 2 && NT == 8 && SAMOYEDS && !DENSE;
-}
-template <int G, int NT, bool SAMOYEDS, bool DENSE>
 __host__ __device__ constexpr int kernel_streams() {
-  if (kernel_group_split<G, NT, SAMOYEDS, DENSE>()) return 1;
   return (G == 1 && NT == 8 && !SAMOYEDS && !DENSE) ? SAMOYEDS_W2_STREAMS : G;
-}
-// M-tiles one CTA of the pipelined kernel covers.
-template <int G, int NT, int WARPS, bool SAMOYEDS, bool DENSE>
-__host__ __device__ constexpr int kernel_mtiles_per_cta() {
-  return kernel_group_split<G, NT, SAMOYEDS, DENSE>() ? WARPS / 2 : WARPS * (kernel_streams<G, NT, SAMOYEDS, DENSE>() / G);
 }
 
 // K split z = blockIdx.z of gridDim.z (w2 only) owns k-blocks [x, y) of total_blk.
@@ -592,57 +577,10 @@ __device__ __forceinline__ int gather_tile_rows(const T* act, const int32_t* __r
 }
 
 // Bytes of dynamic shared memory moe_mma_sp_pipelined_kernel needs.
-// Floats per lane the gate warp of a group-split m-tile hands to its up warp: both output rows of NT n-tiles.
-template <int NT>
-constexpr int kGateHandoff = 2 * NT * 4;
-
-// Bytes of dynamic shared memory moe_mma_sp_pipelined_kernel needs (the group-split epilogue reuses the ring).
 template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS, bool DENSE = false>
 constexpr int pipelined_smem_bytes() {
   constexpr int NS = kernel_streams<G, NT, SAMOYEDS, DENSE>();
-  constexpr int ring = static_cast<int>(PipeSmem<T, NS, NT, WARPS, KB, DENSE>::template bytes<STAGES>());
-  constexpr int handoff = kernel_group_split<G, NT, SAMOYEDS, DENSE>() ? WARPS / 2 * kGateHandoff<NT> * 32 * 4 : 0;
-  return ring > handoff ? ring : handoff;
-}
-
-// Epilogue of the group-split w13 (kernel_group_split): warp 2j holds the gate rows of the m-tile, warp 2j + 1
-// its up rows. The gate warp stores both output rows of its values in shared memory (lane-major: conflict-free),
-// the up warp reads them back at the same (n-tile, register, row) and stores silu(gate) * up. Called by the whole
-// CTA (two barriers) after the ring has drained.
-template <typename T, int NT>
-__device__ __forceinline__ void swiglu_group_split_epilogue(const float (&acc)[2][1][NT][4], const bool (&state)[1][2],
-                                                            bool active, bool gate_warp, float* handoff,
-                                                            int nt_active, int col0, int mt, int g, int t, int lane,
-                                                            T* __restrict__ out, int out_ld) {
-  auto value = [&](int nt, int r, int b) -> float {  // output row parity b (see select_banks)
-    return (state[0][r >> 1] == (b != 0)) ? acc[0][0][nt][r] : acc[1][0][nt][r];
-  };
-  __syncthreads();  // every warp is done reading the ring
-  if (active && gate_warp) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      if (nt >= nt_active) break;
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int b = 0; b < 2; ++b) handoff[((nt * 4 + r) * 2 + b) * 32 + lane] = value(nt, r, b);
-    }
-  }
-  __syncthreads();
-  if (!active || gate_warp) return;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    if (nt >= nt_active) break;
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int col = col0 + nt * 8 + 2 * t + (r & 1);
-      const int stored = mt * 16 + g + 8 * (r >> 1);
-      T* dst = out + static_cast<long long>(col) * out_ld + 2 * stored;
-#pragma unroll
-      for (int b = 0; b < 2; ++b)
-        dst[b] = MmaTraits<T>::from_float(silu(handoff[((nt * 4 + r) * 2 + b) * 32 + lane]) * value(nt, r, b));
-    }
-  }
+  return static_cast<int>(PipeSmem<T, NS, NT, WARPS, KB, DENSE>::template bytes<STAGES>());
 }
 
 // Below sm_90 ptxas capped the 2:4 w2 kernel (8 warps, 64-token tile) at 64 registers with an 8-byte spill unless
@@ -661,8 +599,7 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
                             void* __restrict__ out, int K, int num_mtiles, int chunk_shift, int topk, int out_ld,
                             int num_pairs) {  // G=1: slot_out is [gridDim.z, num_pairs, out_ld]
   constexpr int NS = kernel_streams<G, NT, SAMOYEDS, DENSE>();  // A streams per warp (see kernel_streams)
-  constexpr bool GSPLIT = kernel_group_split<G, NT, SAMOYEDS, DENSE>();  // gate and up rows on two warps
-  constexpr int MPW = GSPLIT ? 1 : NS / G;         // m-tiles per warp
+  constexpr int MPW = NS / G;                      // m-tiles per warp
   using L = PipeSmem<T, NS, NT, WARPS, KB, DENSE>;
   constexpr int BN = NT * 8;
   static_assert(WARPS * 32 >= BN && KB >= 1 && STAGES >= 2, "pipeline shape: the token-row table needs a thread "
@@ -683,13 +620,11 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   const int expert = tile_expert[tile];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  // The warp's (first) m-tile; group split: warps 2j and 2j + 1 share m-tile j, group0 = the warp's group.
-  const int mt = GSPLIT ? blockIdx.y * (WARPS / 2) + (warp >> 1) : (blockIdx.y * WARPS + warp) * MPW;
-  const int group0 = GSPLIT ? (warp & 1) : 0;
+  const int mt = (blockIdx.y * WARPS + warp) * MPW;  // the warp's (first) m-tile
   const bool active = mt < num_mtiles;
   // w2 with two m-tiles per warp: the last warp may own one only (never for today's shapes: H / 16 is even);
   // otherwise every stream is the warp's own
-  const int streams = (GSPLIT || NS == G) ? NS : min(NS, num_mtiles - mt);
+  const int streams = NS == G ? NS : min(NS, num_mtiles - mt);
   const int S = K >> 5;
   const int2 blk_range = k_split_blocks((S + KB - 1) / KB);  // K split z (w2 only): k-blocks [x, y)
   const int blk_begin = blk_range.x, blk_end = blk_range.y;
@@ -720,9 +655,8 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
     tok_ok[i] = row < load_rows && rows[row] != nullptr;
     tok_src[i] = (tok_ok[i] ? rows[row] : act) + tok_col;  // never dereferenced unless tok_ok
   }
-  // Stream s is group group0 + s of m-tile mt (G = 2) or m-tile mt + s (G = 1): layout index
-  // (expert * MT + mt) * G + group0 + s.
-  const long long tile_base = (static_cast<long long>(expert) * num_mtiles + (active ? mt : 0)) * G + group0;
+  // Stream s is group s of m-tile mt (G = 2) or m-tile mt + s (G = 1): layout index (expert * MT + mt) * G + s.
+  const long long tile_base = (static_cast<long long>(expert) * num_mtiles + (active ? mt : 0)) * G;
   const uint4* a_grp[NS];
   const uint4* m_grp[NS];  // metadata as 16-byte vectors: 4 per (stream, k-step)
   bool stream_ok[NS];
@@ -783,8 +717,7 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
       for (int h = 0; h < 2; ++h) rs_next[gr][h] = stream_ok[gr] ? __ldg(p + (gr * rs_group + h * rs_half)) : 0;
   };
   if constexpr (SAMOYEDS) {
-    rs_base = rowsel + (static_cast<long long>(expert) * G * num_mtiles * 16 + group0 * num_mtiles * 16 +
-                        (active ? mt : 0) * 16 + g) * chunks;
+    rs_base = rowsel + (static_cast<long long>(expert) * G * num_mtiles * 16 + (active ? mt : 0) * 16 + g) * chunks;
     if (run_begin < run_end) load_rowsel(run_begin >> chunk_shift);
   }
 
@@ -858,18 +791,11 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
     st = st + 1 == STAGES ? 0 : st + 1;
   }
   cp_async_wait<0>();
-  if constexpr (GSPLIT) {
-    float* handoff = reinterpret_cast<float*>(smem_raw) + (warp >> 1) * kGateHandoff<NT> * 32;
-    swiglu_group_split_epilogue<T, NT>(acc, state, active, group0 == 0, handoff, nt_active, tile * BN, mt, g, t,
-                                       lane, static_cast<T*>(out), out_ld);
-  } else {
-    void* dst = (G == 1) ? static_cast<void*>(static_cast<float*>(out) +
-                                              static_cast<long long>(blockIdx.z) * num_pairs * out_ld)
-                         : out;
-    if (active)
-      store_epilogue<T, G, NS, NT, SAMOYEDS>(acc, state, nt_active, tile * BN, mt, streams, g, t, sorted_pairs,
-                                             topk_weights, dst, out_ld);
-  }
+  void* dst = (G == 1) ? static_cast<void*>(static_cast<float*>(out) + static_cast<long long>(blockIdx.z) * num_pairs * out_ld)
+                       : out;
+  if (active)
+    store_epilogue<T, G, NS, NT, SAMOYEDS>(acc, state, nt_active, tile * BN, mt, streams, g, t, sorted_pairs,
+                                           topk_weights, dst, out_ld);
 }
 
 // ---------------------------------------------------------------------------------------------------------
