@@ -135,6 +135,22 @@ def test_kernel_matches_reference_k_tails(pattern, n_tokens, hidden, inter):
     _run_case(pattern, torch.bfloat16, n_tokens, 8, 2, hidden, inter, "uniform", 5)
 
 
+@pytest.mark.parametrize(
+    ("pattern", "dtype", "n_tokens", "n_exp", "hidden", "inter", "routing"),
+    [
+        # 13 m-tiles per group: the last CTA (4 m-tiles) has 3 idle warps; K tails in both GEMMs; experts of ~50
+        # tokens overflow into a second, partly filled tile
+        ("1:2:32+2:4", torch.bfloat16, 200, 8, 352, 416, "uniform"),
+        ("1:2:128+2:4", torch.float16, 150, 8, 1024, 1408, "skewed"),  # several tiles per busy expert, empty experts
+        ("1:2:256+2:4", torch.bfloat16, 100, 4, 512, 1280, "one_expert"),
+        ("1:2:64+2:4", torch.float16, 60, 2, 256, 768, "uniform"),  # one expert gets 33-64 tokens
+    ],
+)
+def test_kernel_matches_reference_wide_tiles(pattern, dtype, n_tokens, n_exp, hidden, inter, routing):
+    """1:2:V+2:4 where the busiest experts overflow the 32-token tile (the wide-tile rule of dispatch_tiles)."""
+    _run_case(pattern, dtype, n_tokens, n_exp, 2, hidden, inter, routing, 17)
+
+
 @pytest.mark.parametrize("pattern", ["2:4", "1:2:128+2:4"])
 def test_kernel_expert_parallel_map(pattern):
     _run_case(pattern, torch.bfloat16, 33, 8, 4, 512, 768, "uniform", 11, expert_map=True)
