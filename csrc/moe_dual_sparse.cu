@@ -166,25 +166,28 @@ void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t str
   SAMOYEDS_CHECK_LAUNCH(what);
 }
 
-// Hopper prefill path (moe_wgmma_sp_sm90.cuh, 2:4): two warpgroups per 128 stored rows x 128 tokens.
-template <typename T, int G>
+// Hopper path (moe_wgmma_sp_sm90.cuh): WgTile<SAMOYEDS> warpgroups x BN tokens per CTA.
+template <typename T, int G, bool SAMOYEDS>
 void launch_wgmma(const GemmArgs& a, int splits, cudaStream_t stream, const char* what) {
-  constexpr auto kernel = moe_wgmma_sp_kernel<T, G>;
-  constexpr int smem = WgSmem<T, G>::bytes();
+  using Tile = WgTile<SAMOYEDS>;
+  constexpr auto kernel = moe_wgmma_sp_kernel<T, G, SAMOYEDS>;
+  constexpr int smem = WgSmem<T, G, SAMOYEDS>::bytes();
   reserve_dynamic_smem<kernel>(smem, what);
-  const dim3 grid(a.max_tiles, (a.num_mtiles + kWgWarps - 1) / kWgWarps, splits);
-  kernel<<<grid, kWgWarps * 32, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
-                                                static_cast<const uint32_t*>(a.meta), a.sorted_pairs, a.tile_expert,
-                                                a.num_tiles, a.topk_weights, a.out, a.K, a.num_mtiles, a.topk,
-                                                a.out_ld, a.num_pairs);
+  const dim3 grid(a.max_tiles, (a.num_mtiles + Tile::kWarps - 1) / Tile::kWarps, splits);
+  kernel<<<grid, Tile::kWarps * 32, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
+                                                    static_cast<const uint32_t*>(a.meta), a.rowsel, a.sorted_pairs,
+                                                    a.tile_expert, a.num_tiles, a.topk_weights, a.out, a.K,
+                                                    a.num_mtiles, a.chunk_shift, a.topk, a.out_ld, a.num_pairs);
   SAMOYEDS_CHECK_LAUNCH(what);
 }
 
-// The wgmma path (2:4, capability 9.0; the JIT build targets sm_90a there) takes the prefill-size calls: an
-// expert gets >= kWgmmaMinPairs pairs on average. H200 crossover (benchmarks/results/wgmma_crossover_*.json):
-// the mma.sp kernels win up to 48 pairs per expert (Qwen3-30B-A3B, OLMoE: 0.73-0.90x), wgmma.sp from 64 on
-// (1.11-1.33x at 64, 1.1-1.7x beyond, Mixtral, Qwen3-30B-A3B and OLMoE shapes). SAMOYEDS_WGMMA
-// (samoyeds_vllm/envs.py): 1 (default) by that rule, 0 never, 2 for every 2:4 call (tests).
+// The wgmma path (capability 9.0; the JIT build targets sm_90a there) takes the prefill-size calls: an expert
+// gets >= kWgmmaMinPairs pairs on average. H200 crossovers (benchmarks/results/wgmma_crossover_*.json, 2:4: the
+// mma.sp kernels win up to 48 pairs per expert on Qwen3-30B-A3B and OLMoE shapes, 0.73-0.90x, wgmma.sp from 64 on,
+// 1.11-1.33x at 64 and 1.1-1.7x beyond; 1:2:V+2:4 in kernel_tuning_*.json: mma.sp wins at 16-32 pairs per expert
+// on Mixtral-8x7B and OLMoE shapes by 5-29% (Qwen3-30B-A3B at 32: wgmma.sp by 5%), wgmma.sp from 64 on by
+// 8-35%). SAMOYEDS_WGMMA
+// (samoyeds_vllm/envs.py): 1 (default) by that rule, 0 never, 2 for every call (tests).
 constexpr double kWgmmaMinPairs = 64.0;
 bool wgmma_wanted(double pairs_per_expert, int device) {
   static const int mode = env_int("SAMOYEDS_WGMMA", 1);
@@ -196,7 +199,7 @@ bool wgmma_wanted(double pairs_per_expert, int device) {
 }
 
 // DENSE: the fusion control (moe_dense_prepacked): dense kernel-layout weights, no metadata (w13_meta and
-// w2_meta are not read), always the pipelined kernel. WGMMA: both GEMMs on the Hopper path (BN = kWgBN).
+// w2_meta are not read), always the pipelined kernel. WGMMA: both GEMMs on the Hopper path (BN = WgTile::kBN).
 template <typename T, int NT, bool SAMOYEDS, bool DENSE, bool WGMMA = false>
 void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                 const at::Tensor& w13_values, const at::Tensor& w13_meta, const at::Tensor* w13_rowsel,
@@ -218,14 +221,14 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   const bool pipelined2 = DENSE || NT > 1 || inter / 32 < kSplitKMinSteps;
   // w2 K splits (pipelined and wgmma.sp kernels): ~16 (wgmma.sp: 2) CTAs per SM in total, >= 64 k-steps per
   // split, at most 8.
-  static_assert(!WGMMA || (NT * 8 == kWgBN && !DENSE && !SAMOYEDS), "the wgmma path runs kWgBN-token 2:4 tiles");
+  static_assert(!WGMMA || (NT * 8 == WgTile<SAMOYEDS>::kBN && !DENSE), "the wgmma path runs WgTile's token tiles");
   int splits = 1;
   if (pipelined2) {
     using C = PipeConfig<SAMOYEDS, DENSE>;
-    // The wgmma kernel runs one CTA per SM: ~2 waves instead.
+    // The wgmma kernel runs one (2:4) or two (1:2:V+2:4) CTAs per SM: ~2 waves instead.
     const int kb = WGMMA ? kWgKB : C::kBlock;
-    const int mtiles_per_cta = WGMMA ? kWgWarps : C::kWarps * kernel_streams<1, NT, SAMOYEDS, DENSE>();
-    const int ctas_per_sm = WGMMA ? 2 : 16;
+    const int mtiles_per_cta = WGMMA ? WgTile<SAMOYEDS>::kWarps : C::kWarps * kernel_streams<1, NT, SAMOYEDS, DENSE>();
+    const int ctas_per_sm = WGMMA ? 4 / WgTile<SAMOYEDS>::kGroups : 16;
     const int total_blk = (inter / 32 + kb - 1) / kb;
     const int ctas = max_tiles * ((mt2 + mtiles_per_cta - 1) / mtiles_per_cta);
     int sms = 0;
@@ -262,7 +265,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
                tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), nullptr, intermediate.data_ptr(),
                hidden, mt13, chunk_shift, topk, inter, num_pairs, max_tiles};
   if constexpr (WGMMA) {
-    launch_wgmma<T, 2>(a13, 1, stream, "w13 GEMM + SwiGLU (wgmma)");
+    launch_wgmma<T, 2, SAMOYEDS>(a13, 1, stream, "w13 GEMM + SwiGLU (wgmma)");
   } else {
     launch_gemm<T, 2, NT, SAMOYEDS, DENSE>(a13, pipelined13, 1, stream, "w13 GEMM + SwiGLU");
   }
@@ -271,7 +274,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
               tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), weights.data_ptr<float>(),
               slot_out.data_ptr(), inter, mt2, chunk_shift, topk, hidden, num_pairs, max_tiles};
   if constexpr (WGMMA) {
-    launch_wgmma<T, 1>(a2, splits, stream, "w2 GEMM + routing weight (wgmma)");
+    launch_wgmma<T, 1, SAMOYEDS>(a2, splits, stream, "w2 GEMM + routing weight (wgmma)");
   } else {
     launch_gemm<T, 1, NT, SAMOYEDS, DENSE>(a2, pipelined2, splits, stream, "w2 GEMM + routing weight");
   }
@@ -314,11 +317,12 @@ void dispatch_tiles(const RoutingInputs& r, const at::Tensor& topk_weights, cons
     }
   };
   const int forced = forced_token_tile();
-  if constexpr (!DENSE && !SAMOYEDS) {
+  if constexpr (!DENSE) {
     const bool tile_forced = forced == 8 || forced == 16 || forced == 32 || forced == 64;
     if (!tile_forced && wgmma_wanted(pairs_per_expert, r.x.get_device())) {
-      launch_moe<T, kWgBN / 8, SAMOYEDS, DENSE, true>(r.x, topk_weights, r.ids, w13_values, w13_meta, w13_rowsel,
-                                                      w2_values, w2_meta, w2_rowsel, chunk, r.map_ptr, out);
+      launch_moe<T, WgTile<SAMOYEDS>::kBN / 8, SAMOYEDS, DENSE, true>(r.x, topk_weights, r.ids, w13_values, w13_meta,
+                                                                      w13_rowsel, w2_values, w2_meta, w2_rowsel, chunk,
+                                                                      r.map_ptr, out);
       return;
     }
   }

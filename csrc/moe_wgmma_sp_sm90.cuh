@@ -17,8 +17,11 @@
 // that wgmma reads through the async proxy), barrier, refill the slot retired two blocks ago, load the block's
 // A and metadata into registers, wgmma.fence, issue, commit, wait_group 1 (the block stays in flight while the
 // next one is prepared).
-// 1:2:V+2:4 would need A from shared memory (SS form): with two accumulator banks and A in registers ptxas
-// serialises the wgmmas. docs/HOPPER_PREFILL_NOTES.md has what was measured and the plan.
+// 1:2:V+2:4 (SAMOYEDS) runs one warpgroup x 64 tokens: two accumulator banks of 64 tokens for gate and up take
+// 128 registers (220 in all). The row-pair banks are swapped as in the sm80 kernel (select_banks) at chunk starts,
+// after wgmma.wait_group 0 and before a wgmma.fence. ptxas serialises these wgmmas (C7511 in w13, C7514 in w2):
+// the variant it does not serialise (an in-place swap, one A register set, token rows re-read from shared
+// memory; 255 registers in w13) measured 5-13% slower on an H200 (docs/HOPPER_PREFILL_NOTES.md, section 8).
 #pragma once
 
 #include <type_traits>
@@ -32,40 +35,74 @@
 namespace samoyeds {
 
 // d[N/2] += A (64 x 32 logical, 2:4-compressed; this warp's 16 rows from registers) * B (32 x N tokens, K-major,
-// through the shared-memory descriptor); f32 accumulate, sparsity selector 0. N = 128 is the one the kernel uses.
+// through the shared-memory descriptor); f32 accumulate, sparsity selector 0. N = 128 (2:4 tiles) and N = 64
+// (1:2:V+2:4 tiles). The accumulator operand lists are generated text (one per N), shared by both input types.
 template <typename T, int N>
 struct WgmmaSp;
-
-// The 64 accumulator operands are spelled out once, for both input types.
-#define SAMOYEDS_WGMMA_SP_M64N128K32(PTX_TYPE)                                                                         \
-    asm volatile(                                                                                                      \
-      "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." PTX_TYPE "." PTX_TYPE " {"                                     \
-      "%0,%1,%2,%3,%4,%5,%6,%7,"                                                                                       \
-      "%8,%9,%10,%11,%12,%13,%14,%15,"                                                                                 \
-      "%16,%17,%18,%19,%20,%21,%22,%23,"                                                                               \
-      "%24,%25,%26,%27,%28,%29,%30,%31,"                                                                               \
-      "%32,%33,%34,%35,%36,%37,%38,%39,"                                                                               \
-      "%40,%41,%42,%43,%44,%45,%46,%47,"                                                                               \
-      "%48,%49,%50,%51,%52,%53,%54,%55,"                                                                               \
-      "%56,%57,%58,%59,%60,%61,%62,%63"                                                                                \
-      "}, {%64,%65,%66,%67}, %68, %69, 0, 1, 1, 1, 0;\n"                                                               \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),                                                                \
-        "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                                                                \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),                                                              \
-        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),                                                            \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),                                                            \
-        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),                                                            \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),                                                            \
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),                                                            \
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),                                                            \
-        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),                                                            \
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),                                                            \
-        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),                                                            \
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),                                                            \
-        "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),                                                            \
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),                                                            \
-        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                                                             \
+#define SAMOYEDS_WGMMA_SP_M64N64K32(PTX_TYPE)                                                                         \
+  asm volatile(                                                                                                       \
+      "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32." PTX_TYPE "." PTX_TYPE " {"                                     \
+      "%0,%1,%2,%3,%4,%5,%6,%7,"                                                                                      \
+      "%8,%9,%10,%11,%12,%13,%14,%15,"                                                                                \
+      "%16,%17,%18,%19,%20,%21,%22,%23,"                                                                              \
+      "%24,%25,%26,%27,%28,%29,%30,%31"                                                                               \
+      "}, {%32,%33,%34,%35}, %36, %37, 0, 1, 1, 1, 0;\n"                                                              \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),                                                               \
+        "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                                                               \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),                                                             \
+        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),                                                           \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),                                                           \
+        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),                                                           \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),                                                           \
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                            \
       : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(desc), "r"(meta))
+#define SAMOYEDS_WGMMA_SP_M64N128K32(PTX_TYPE)                                                                        \
+  asm volatile(                                                                                                       \
+      "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." PTX_TYPE "." PTX_TYPE " {"                                    \
+      "%0,%1,%2,%3,%4,%5,%6,%7,"                                                                                      \
+      "%8,%9,%10,%11,%12,%13,%14,%15,"                                                                                \
+      "%16,%17,%18,%19,%20,%21,%22,%23,"                                                                              \
+      "%24,%25,%26,%27,%28,%29,%30,%31,"                                                                              \
+      "%32,%33,%34,%35,%36,%37,%38,%39,"                                                                              \
+      "%40,%41,%42,%43,%44,%45,%46,%47,"                                                                              \
+      "%48,%49,%50,%51,%52,%53,%54,%55,"                                                                              \
+      "%56,%57,%58,%59,%60,%61,%62,%63"                                                                               \
+      "}, {%64,%65,%66,%67}, %68, %69, 0, 1, 1, 1, 0;\n"                                                              \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),                                                               \
+        "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                                                               \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),                                                             \
+        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),                                                           \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),                                                           \
+        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),                                                           \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),                                                           \
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),                                                           \
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),                                                           \
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),                                                           \
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),                                                           \
+        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),                                                           \
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),                                                           \
+        "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),                                                           \
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),                                                           \
+        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                                                            \
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(desc), "r"(meta))
+
+template <>
+struct WgmmaSp<__nv_bfloat16, 64> {
+  static __device__ __forceinline__ void mma(float (&d)[32], const uint4& a, uint64_t desc, uint32_t meta) {
+#if defined(SAMOYEDS_HAS_WGMMA)
+    SAMOYEDS_WGMMA_SP_M64N64K32("bf16");
+#endif
+  }
+};
+
+template <>
+struct WgmmaSp<__half, 64> {
+  static __device__ __forceinline__ void mma(float (&d)[32], const uint4& a, uint64_t desc, uint32_t meta) {
+#if defined(SAMOYEDS_HAS_WGMMA)
+    SAMOYEDS_WGMMA_SP_M64N64K32("f16");
+#endif
+  }
+};
 
 template <>
 struct WgmmaSp<__nv_bfloat16, 128> {
@@ -124,51 +161,69 @@ __device__ __forceinline__ uint64_t token_desc(uint32_t addr, int kk, uint32_t s
   return smem_desc(addr + kk * 64, 16, sbo) | (1ull << 62);
 }
 
-// Tile of the wgmma kernel: kWgGroups warpgroups stacked along M (each 64 stored rows = 4 m-tiles, one per
-// warp) x kWgBN tokens; a ring of kWgStages slots of kWgKB = 2 k-steps (64 k: one 128-byte swizzled row per
-// token and slot). The ring depth can be overridden for tuning sweeps.
+// Tiles of the wgmma kernel (WgTile): WGS warpgroups stacked along M (each 64 stored rows = 4 m-tiles, one per
+// warp) x BN tokens; a ring of STAGES slots of kWgKB = 2 k-steps (64 k: one 128-byte swizzled row per token and
+// slot).
+//   2:4        BN 128, 2 warpgroups, SAMOYEDS_WG_STAGES (5) slots: prefill-size calls.
+//   1:2:V+2:4  BN 64, SAMOYEDS_WG_SAM = warpgroups x 10 + slots (14: one warpgroup, 4 slots, two CTAs per SM):
+//              two accumulator banks of 64 tokens per group (220 registers in w13) leave no room for a wider tile.
+//              H200 sweep at 128-8192 tokens (kernel_tuning_*.json): 4 and 5 slots within run-to-run noise, 3
+//              slots 4-25% slower, 6 slots 0-11% slower, two warpgroups (one CTA per SM) 6-25% slower.
 #ifndef SAMOYEDS_WG_STAGES
 #define SAMOYEDS_WG_STAGES 5
 #endif
-constexpr int kWgBN = 128, kWgGroups = 2, kWgWarps = 4 * kWgGroups;
-constexpr int kWgKB = 2, kWgStages = SAMOYEDS_WG_STAGES;
-static_assert(kWgStages >= 3, "a slot is refilled two blocks after its wgmmas were issued");
+#ifndef SAMOYEDS_WG_SAM
+#define SAMOYEDS_WG_SAM 14
+#endif
+constexpr int kWgKB = 2;
+template <bool SAMOYEDS>
+struct WgTile {
+  static constexpr int kBN = SAMOYEDS ? 64 : 128;
+  static constexpr int kGroups = SAMOYEDS ? SAMOYEDS_WG_SAM / 10 : 2;
+  static constexpr int kWarps = 4 * kGroups;
+  static constexpr int kStages = SAMOYEDS ? SAMOYEDS_WG_SAM % 10 : SAMOYEDS_WG_STAGES;
+  static_assert(kStages >= 3, "a slot is refilled two blocks after its wgmmas were issued");
+};
 
 // Ring slot layout (bytes): weights [warp][group][k-step][lane] x 16, metadata [warp][group][k-step][16] x 4,
 // tokens: 8-token group j at j * kSbo, one 1024-byte 128B-swizzle atom.
-template <typename T, int G>
+template <typename T, int G, bool SAMOYEDS>
 struct WgSmem {
+  using Tile = WgTile<SAMOYEDS>;
   static constexpr int kKBlk = 32 * kWgKB;
   static constexpr uint32_t kAWarp = kWgKB * G * 512, kMWarp = kWgKB * G * 64;
-  static constexpr uint32_t kAStage = kWgWarps * kAWarp, kMStage = kWgWarps * kMWarp;
+  static constexpr uint32_t kAStage = Tile::kWarps * kAWarp, kMStage = Tile::kWarps * kMWarp;
   static constexpr uint32_t kSbo = 8 * 128;
-  static constexpr uint32_t kBStage = (kWgBN / 8) * kSbo;
-  static constexpr uint32_t kMOff = kWgStages * kAStage, kBOff = kMOff + kWgStages * kMStage;
-  static constexpr int bytes() { return static_cast<int>(kBOff + kWgStages * kBStage) + 1024; }  // + alignment
+  static constexpr uint32_t kBStage = (Tile::kBN / 8) * kSbo;
+  static constexpr uint32_t kMOff = Tile::kStages * kAStage, kBOff = kMOff + Tile::kStages * kMStage;
+  static constexpr int bytes() { return static_cast<int>(kBOff + Tile::kStages * kBStage) + 1024; }  // + alignment
 };
 
-template <typename T, int G>
-__global__ void __launch_bounds__(kWgWarps * 32, 1)
+template <typename T, int G, bool SAMOYEDS>
+__global__ void __launch_bounds__(WgTile<SAMOYEDS>::kWarps * 32, 1)
 moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues, const uint32_t* __restrict__ kmeta,
-                    const int32_t* __restrict__ sorted_pairs,
+                    const uint8_t* __restrict__ rowsel, const int32_t* __restrict__ sorted_pairs,
                     const int32_t* __restrict__ tile_expert, const int32_t* __restrict__ num_tiles,
-                    const float* __restrict__ topk_weights, void* __restrict__ out, int K, int num_mtiles, int topk,
-                    int out_ld, int num_pairs) {  // G=1: slot_out [gridDim.z, pairs, H]
+                    const float* __restrict__ topk_weights, void* __restrict__ out, int K, int num_mtiles,
+                    int chunk_shift, int topk, int out_ld, int num_pairs) {  // G=1: slot_out [gridDim.z, pairs, H]
 #if defined(SAMOYEDS_HAS_WGMMA)
-  using L = WgSmem<T, G>;
-  constexpr int NT = kWgBN / 8, KB = kWgKB, STAGES = kWgStages, THREADS = kWgWarps * 32;
+  using L = WgSmem<T, G, SAMOYEDS>;
+  using Tile = WgTile<SAMOYEDS>;
+  constexpr int BN = Tile::kBN, WARPS = Tile::kWarps;
+  constexpr int NT = BN / 8, KB = kWgKB, STAGES = Tile::kStages, THREADS = WARPS * 32;
+  constexpr int BANKS = SAMOYEDS ? 2 : 1;
   constexpr int KBLK = L::kKBlk;
   constexpr int GROUPS_PER_PASS = THREADS / 64;  // 8 threads per token row, 8 rows per 8-token group
   constexpr int TOKEN_COPIES = NT / GROUPS_PER_PASS;
   static_assert(KBLK * sizeof(T) == 128 && NT % GROUPS_PER_PASS == 0, "a slot holds one 128-byte row per token");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ const T* rows[kWgBN];
+  __shared__ const T* rows[BN];
   const int tile = blockIdx.x;
   if (tile >= *num_tiles) return;  // uniform across the CTA
   const int expert = tile_expert[tile];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int mt = blockIdx.y * kWgWarps + warp;
+  const int mt = blockIdx.y * WARPS + warp;
   // wgmma is warpgroup-wide: a warp past the last m-tile still runs it (on clamped, valid weights) and skips
   // only its stores.
   const bool active = mt < num_mtiles;
@@ -177,7 +232,7 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
   const int2 blk_range = k_split_blocks((S + KB - 1) / KB);
   const int blk_begin = blk_range.x;
   const int nblk = blk_range.y - blk_begin;
-  const int nt_active = gather_tile_rows<T, kWgBN, G>(act, sorted_pairs, tile, topk, K, rows);
+  const int nt_active = gather_tile_rows<T, BN, G>(act, sorted_pairs, tile, topk, K, rows);
   const int load_rows = nt_active * 8;
 
   const uint32_t smem = (smem_addr(smem_raw) + 1023) & ~1023u;  // swizzle atoms are 1024-byte aligned
@@ -229,10 +284,28 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     cp_async_commit();
   };
 
-  float acc[1][G][NT][4];
+  float acc[BANKS][G][NT][4];
   float* flat = &acc[0][0][0][0];
 #pragma unroll
-  for (int i = 0; i < G * NT * 4; ++i) flat[i] = 0.f;
+  for (int i = 0; i < BANKS * G * NT * 4; ++i) flat[i] = 0.f;
+
+  // 1:2:V+2:4 row pairs (select_banks): the bank state, and the rowsel of the next chunk, loaded a chunk ahead.
+  bool state[G][2] = {};
+  const int run_begin = blk_begin * KB, run_end = min(blk_range.y * KB, S);
+  const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
+  uint8_t rs_next[G][2] = {};
+  const uint8_t* rs_base = nullptr;
+  const int rs_group = num_mtiles * 16 * chunks, rs_half = 8 * chunks;
+  auto load_rowsel = [&](int chunk) {
+#pragma unroll
+    for (int gr = 0; gr < G; ++gr)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) rs_next[gr][h] = __ldg(rs_base + chunk + gr * rs_group + h * rs_half);
+  };
+  if constexpr (SAMOYEDS) {
+    rs_base = rowsel + (static_cast<long long>(expert) * G * num_mtiles * 16 + mt_load * 16 + g) * chunks;
+    if (run_begin < run_end) load_rowsel(run_begin >> chunk_shift);
+  }
 
   // Ring: the wgmmas of block b stay in flight while block b + 1 is issued (wgmma.wait_group 1), so the slot
   // of block b is refilled only at iteration b + 2, with block b + STAGES: STAGES - 2 blocks land ahead.
@@ -276,17 +349,40 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     auto issue_step = [&](int kk) {
 #pragma unroll
       for (int gr = 0; gr < G; ++gr)
-        WgmmaSp<T, kWgBN>::mma(reinterpret_cast<float(&)[kWgBN / 2]>(acc[0][gr][0][0]), a[buf][kk][gr],
-                               token_desc(b_st, kk, L::kSbo), meta[buf][kk][gr]);
+        WgmmaSp<T, BN>::mma(reinterpret_cast<float(&)[BN / 2]>(acc[0][gr][0][0]), a[buf][kk][gr],
+                            token_desc(b_st, kk, L::kSbo), meta[buf][kk][gr]);
+    };
+    // 1:2:V+2:4: before the first k-step of a chunk (and of this split) every wgmma on the banks must have
+    // retired: commit what this block issued so far, wait, swap, fence again.
+    auto chunk_start = [&](int s) {
+      if constexpr (SAMOYEDS) {
+        if (s == run_begin || (s & ((1 << chunk_shift) - 1)) == 0) {
+          wgmma_commit();
+          wgmma_wait<0>();
+          bool want[G][2];
+#pragma unroll
+          for (int gr = 0; gr < G; ++gr)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) want[gr][h] = rs_next[gr][h] != 0;
+          select_banks<G, NT>(acc, state, want, nt_active);
+          const int next = (s >> chunk_shift) + 1;
+          if ((next << chunk_shift) < run_end) load_rowsel(next);
+          wgmma_fence();
+        }
+      }
     };
     wgmma_fence();
     if (s0 + KB <= S) {  // a whole block: one straight run of wgmmas
 #pragma unroll
-      for (int kk = 0; kk < KB; ++kk) issue_step(kk);
+      for (int kk = 0; kk < KB; ++kk) {
+        chunk_start(s0 + kk);
+        issue_step(kk);
+      }
     } else {  // the last block of a K that is not a multiple of 32 * KB
 #pragma unroll
       for (int kk = 0; kk < KB; ++kk) {
         if (s0 + kk >= S) break;  // uniform
+        chunk_start(s0 + kk);
         issue_step(kk);
       }
     }
@@ -306,10 +402,9 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
   cp_async_wait<0>();
   void* dst = (G == 1) ? static_cast<void*>(static_cast<float*>(out) + static_cast<long long>(blockIdx.z) * num_pairs * out_ld)
                        : out;
-  const bool state[G][2] = {};  // (bank bookkeeping of 1:2:V+2:4; unused for 2:4)
   if (active)
-    store_epilogue<T, G, G, NT, false>(acc, state, nt_active, tile * kWgBN, mt, 1, g, t, sorted_pairs, topk_weights,
-                                       dst, out_ld);
+    store_epilogue<T, G, G, NT, SAMOYEDS>(acc, state, nt_active, tile * BN, mt, 1, g, t, sorted_pairs, topk_weights,
+                                          dst, out_ld);
 #else
   __trap();  // launched only on capability 9.0, where the JIT build targets sm_90a: a build without wgmma fails loudly
 #endif

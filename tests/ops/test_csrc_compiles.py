@@ -67,7 +67,12 @@ def test_csrc_compiles_without_spills(tmp_path: Path, arch: str) -> None:
     if arch != "90a":
         return
     # C7510-C7518: ptxas serialised wgmma (waits after every instruction); C7519 (an arrive it injects) is benign.
-    serialised = [line for line in proc.stderr.splitlines() if re.search(r"C751[0-8]", line)]
+    # The 1:2:V+2:4 kernels ("Lb1E") are serialised on purpose: the alternative measured slower (csrc header).
+    serialised = [
+        line
+        for line in proc.stderr.splitlines()
+        if re.search(r"C751[0-8]", line) and not re.search(r"moe_wgmma_sp_kernelI\w+?Li[12]ELb1E", line)
+    ]
     assert not serialised, serialised[:3]
     cuobjdump = _cuobjdump()
     if cuobjdump is None:
@@ -78,6 +83,8 @@ def test_csrc_compiles_without_spills(tmp_path: Path, arch: str) -> None:
     assert sass.returncode == 0, sass.stderr[-2000:]
     kernels = re.split(r"\n\s*Function : ", sass.stdout)
     wgmma = [k for k in kernels if k.startswith("_ZN8samoyeds19moe_wgmma_sp_kernel")]
-    assert len(wgmma) == 4, f"expected bf16/fp16 x w13/w2 wgmma kernels, found {len(wgmma)}"
-    for body in wgmma:  # (cuobjdump spells the fp16 form without a type suffix)
-        assert len(re.findall(r"HGMMA\.SP\.64x128x32\.F32\b", body)) >= 4, body.splitlines()[0]
+    assert len(wgmma) == 8, f"expected bf16/fp16 x w13/w2 x 2:4/1:2:V+2:4 wgmma kernels, found {len(wgmma)}"
+    for body in wgmma:  # 2:4 (template flag false, "Lb0E") on 128-token tiles, 1:2:V+2:4 on 64-token tiles
+        n = 64 if "Lb1E" in body.splitlines()[0] else 128
+        # (cuobjdump spells the fp16 form without a type suffix)
+        assert len(re.findall(rf"HGMMA\.SP\.64x{n}x32\.F32\b", body)) >= 4, body.splitlines()[0]

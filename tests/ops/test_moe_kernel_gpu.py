@@ -231,7 +231,7 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 @pytest.mark.skipif(not HOPPER, reason="the wgmma.sp path is Hopper (sm_90a) only")
 @pytest.mark.skipif(os.environ.get("SAMOYEDS_WGMMA") is not None, reason="runs the forced pass itself")
 def test_hopper_wgmma_path_passes_every_check():
-    """All checks of this file again in a fresh process with every 2:4 call on the wgmma.sp path."""
+    """All checks of this file again in a fresh process with every sparse call on the wgmma.sp path."""
     env = {**os.environ, "SAMOYEDS_WGMMA": "2"}
     proc = subprocess.run(
         [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
@@ -244,11 +244,12 @@ def test_hopper_wgmma_path_passes_every_check():
 
 
 @pytest.mark.skipif(not HOPPER or os.environ.get("SAMOYEDS_WGMMA") != "2", reason="forced wgmma.sp pass only")
-def test_wgmma_kernels_ran():
-    """The forced pass really ran the wgmma.sp kernels (the kernel names in a profile of one 2:4 call)."""
+@pytest.mark.parametrize("pattern", ["2:4", "1:2:32+2:4"])
+def test_wgmma_kernels_ran(pattern):
+    """The forced pass really ran the wgmma.sp kernels (the kernel names in a profile of one call)."""
     gen = torch.Generator(device="cuda").manual_seed(3)
-    w13 = _experts(4, 2 * 416, 352, "2:4", torch.bfloat16, gen)
-    w2 = _experts(4, 352, 416, "2:4", torch.bfloat16, gen)
+    w13 = _experts(4, 2 * 416, 352, pattern, torch.bfloat16, gen)
+    w2 = _experts(4, 352, 416, pattern, torch.bfloat16, gen)
     prepared = ops.prepare_moe_weights(w13, w2)
     x = torch.randn(40, 352, generator=gen, device="cuda", dtype=torch.bfloat16)
     weights, ids = _routing("uniform", 40, 4, 2, gen)
