@@ -256,7 +256,8 @@ def main() -> None:
                 moved = active * bytes_per_expert + act_bytes
                 pct_bw = 100 * moved / (ours * 1e-6) / (copy_bw * 1e9)
                 line = f"{shape_name:<17} T={n_tokens:<5} {spec:<12} ours {ours:8.1f} us  {pct_bw:5.1f}% copy BW"
-                for base_name, base_us in baselines.items():
+                # Without baselines (tuning runs) one case per (shape, tokens, pattern) with baseline None.
+                for base_name, base_us in baselines.items() or [(None, None)]:
                     cases.append(
                         {
                             "shape": shape_name,
@@ -265,8 +266,8 @@ def main() -> None:
                             "dtype": args.dtype,
                             "ours_us": round(ours, 2),
                             "baseline": base_name,
-                            "baseline_us": round(base_us, 2),
-                            "speedup": round(base_us / ours, 3),
+                            "baseline_us": None if base_us is None else round(base_us, 2),
+                            "speedup": None if base_us is None else round(base_us / ours, 3),
                             "pct_copy_bw": round(pct_bw, 1),
                             "bytes_moved": moved,
                             "baseline_bytes_moved": dense_active_bytes,
@@ -276,7 +277,8 @@ def main() -> None:
                             "graph": use_graph,
                         }
                     )
-                    line += f" | {base_name} {base_us:8.1f} us x{base_us / ours:5.2f}"
+                    if base_name is not None:
+                        line += f" | {base_name} {base_us:8.1f} us x{base_us / ours:5.2f}"
                 print(line, flush=True)
         dense13.clear()
         dense2.clear()

@@ -48,7 +48,7 @@ def main() -> None:
     fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.2), squeeze=False)
     for ax, shape in zip(axes[0], shapes, strict=True):
         rows = [c for c in cases if c["shape"] == shape]
-        for baseline in sorted({c["baseline"] for c in rows}):
+        for baseline in sorted({c["baseline"] for c in rows if c["baseline"] is not None}):
             for pattern in sorted({c["pattern"] for c in rows}):
                 series = sorted(
                     (c["tokens"], c["speedup"]) for c in rows if c["pattern"] == pattern and c["baseline"] == baseline
