@@ -266,6 +266,39 @@ __device__ __forceinline__ void select_banks(float (&acc)[2][G][NT][4], bool (&s
   }
 }
 
+// The row selections of a warp's NS streams (rows g and g + 8 of each) for the pipelined and wgmma.sp kernels,
+// loaded one chunk ahead so their latency hides behind a chunk of MMAs. Stream gr's byte of row half h and
+// chunk c is base[c + gr * stream_stride + h * half_stride]; a stream with ok[gr] false reads as 0 (ok = nullptr:
+// every stream is read).
+template <int NS>
+struct RowPairPrefetch {
+  const uint8_t* base = nullptr;
+  int stream_stride = 0, half_stride = 0;
+  uint8_t next[NS][2] = {};
+  __device__ __forceinline__ void load(int chunk, const bool* ok) {
+    const uint8_t* p = base + chunk;
+#pragma unroll
+    for (int gr = 0; gr < NS; ++gr)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        next[gr][h] = (ok == nullptr || ok[gr]) ? __ldg(p + (gr * stream_stride + h * half_stride)) : 0;
+  }
+  // At k-step s, the first of a chunk (or of the caller's run of k-steps, ending at run_end): swap the banks to
+  // the chunk's selection and prefetch the next chunk's. The accumulators must be settled (wgmma: waited for).
+  template <int NT>
+  __device__ __forceinline__ void enter_chunk(float (&acc)[2][NS][NT][4], bool (&state)[NS][2], int s,
+                                              int chunk_shift, int run_end, const bool* ok, int nt_active) {
+    bool want[NS][2];
+#pragma unroll
+    for (int gr = 0; gr < NS; ++gr)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) want[gr][h] = next[gr][h] != 0;
+    select_banks<NS, NT>(acc, state, want, nt_active);
+    const int chunk = (s >> chunk_shift) + 1;
+    if ((chunk << chunk_shift) < run_end) load(chunk, ok);
+  }
+};
+
 // One k-step of one warp: acc[0][gr][nt] += A[gr] * B[nt] for every group and the first nt_active n-tiles
 // (nt_active is uniform across the warp; n-tiles beyond it hold only padding rows).
 template <typename T, int G, int NT, int BANKS>
@@ -703,22 +736,13 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   const int run_begin = blk_begin * KB;  // this split's k-steps are [run_begin, run_end)
   const int run_end = min(blk_end * KB, S);
   const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
-  // Row selection of the next chunk, loaded one chunk ahead so its latency hides behind a chunk of MMAs.
-  uint8_t rs_next[NS][2] = {};
-  // rowsel of (stream gr, row half h) and chunk c: rs_base[c + gr * rs_group + h * rs_half]; the next stream
-  // is the next group (G = 2) or the next m-tile (G = 1)
-  const uint8_t* rs_base = nullptr;
-  const int rs_group = (G == 2 ? num_mtiles * 16 : 16) * chunks, rs_half = 8 * chunks;
-  auto load_rowsel = [&](int chunk) {
-    const uint8_t* p = rs_base + chunk;
-#pragma unroll
-    for (int gr = 0; gr < NS; ++gr)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) rs_next[gr][h] = stream_ok[gr] ? __ldg(p + (gr * rs_group + h * rs_half)) : 0;
-  };
+  // Row selections (1:2:V+2:4); the next stream is the next group (G = 2) or the next m-tile (G = 1).
+  RowPairPrefetch<NS> pairs;
   if constexpr (SAMOYEDS) {
-    rs_base = rowsel + (static_cast<long long>(expert) * G * num_mtiles * 16 + (active ? mt : 0) * 16 + g) * chunks;
-    if (run_begin < run_end) load_rowsel(run_begin >> chunk_shift);
+    pairs.base = rowsel + (static_cast<long long>(expert) * G * num_mtiles * 16 + (active ? mt : 0) * 16 + g) * chunks;
+    pairs.stream_stride = (G == 2 ? num_mtiles * 16 : 16) * chunks;
+    pairs.half_stride = 8 * chunks;
+    if (run_begin < run_end) pairs.load(run_begin >> chunk_shift, stream_ok);
   }
 
 #pragma unroll
@@ -748,16 +772,8 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
         const int s = s0 + kk;
         if (s >= S) break;
         if constexpr (SAMOYEDS) {
-          if (s == run_begin || (s & ((1 << chunk_shift) - 1)) == 0) {
-            bool want[NS][2];
-#pragma unroll
-            for (int gr = 0; gr < NS; ++gr)
-#pragma unroll
-              for (int h = 0; h < 2; ++h) want[gr][h] = rs_next[gr][h] != 0;
-            select_banks<NS, NT>(acc, state, want, nt_active);
-            const int next = (s >> chunk_shift) + 1;
-            if ((next << chunk_shift) < run_end) load_rowsel(next);
-          }
+          if (s == run_begin || (s & ((1 << chunk_shift) - 1)) == 0)
+            pairs.enter_chunk<NT>(acc, state, s, chunk_shift, run_end, stream_ok, nt_active);
         }
         uint4 a[NS], a_hi[NS];
         uint32_t meta[NS];

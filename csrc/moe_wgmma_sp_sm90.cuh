@@ -289,22 +289,16 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
 #pragma unroll
   for (int i = 0; i < BANKS * G * NT * 4; ++i) flat[i] = 0.f;
 
-  // 1:2:V+2:4 row pairs (select_banks): the bank state, and the rowsel of the next chunk, loaded a chunk ahead.
+  // 1:2:V+2:4 row pairs (select_banks): the bank state and the row selections of the next chunk.
   bool state[G][2] = {};
   const int run_begin = blk_begin * KB, run_end = min(blk_range.y * KB, S);
   const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
-  uint8_t rs_next[G][2] = {};
-  const uint8_t* rs_base = nullptr;
-  const int rs_group = num_mtiles * 16 * chunks, rs_half = 8 * chunks;
-  auto load_rowsel = [&](int chunk) {
-#pragma unroll
-    for (int gr = 0; gr < G; ++gr)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) rs_next[gr][h] = __ldg(rs_base + chunk + gr * rs_group + h * rs_half);
-  };
+  RowPairPrefetch<G> pairs;
   if constexpr (SAMOYEDS) {
-    rs_base = rowsel + (static_cast<long long>(expert) * G * num_mtiles * 16 + mt_load * 16 + g) * chunks;
-    if (run_begin < run_end) load_rowsel(run_begin >> chunk_shift);
+    pairs.base = rowsel + (static_cast<long long>(expert) * G * num_mtiles * 16 + mt_load * 16 + g) * chunks;
+    pairs.stream_stride = num_mtiles * 16 * chunks;
+    pairs.half_stride = 8 * chunks;
+    if (run_begin < run_end) pairs.load(run_begin >> chunk_shift, nullptr);
   }
 
   // Ring: the wgmmas of block b stay in flight while block b + 1 is issued (wgmma.wait_group 1), so the slot
@@ -359,14 +353,7 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
         if (s == run_begin || (s & ((1 << chunk_shift) - 1)) == 0) {
           wgmma_commit();
           wgmma_wait<0>();
-          bool want[G][2];
-#pragma unroll
-          for (int gr = 0; gr < G; ++gr)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) want[gr][h] = rs_next[gr][h] != 0;
-          select_banks<G, NT>(acc, state, want, nt_active);
-          const int next = (s >> chunk_shift) + 1;
-          if ((next << chunk_shift) < run_end) load_rowsel(next);
+          pairs.enter_chunk<NT>(acc, state, s, chunk_shift, run_end, nullptr, nt_active);
           wgmma_fence();
         }
       }
