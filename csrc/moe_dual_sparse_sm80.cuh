@@ -239,7 +239,9 @@ __device__ __forceinline__ void load_weight_block(WeightBlock<KB, G>& w, const u
 // of every chunk (and of every contiguous run of k-steps a warp owns) the banks are swapped where the chunk's
 // bit differs from the state: an XOR swap under a mask, exact (bit moves only, no arithmetic on the values),
 // so the row-pair selection costs 1.5 instructions per accumulator and chunk and never leaves registers.
-template <int G, int NT>
+// IN_PLACE: one asm statement reads and writes both registers of a pair, so they keep their registers (the
+// wgmma.sp w2 kernel: otherwise ptxas moves the wgmma accumulators around the loop and serialises the wgmmas).
+template <int G, int NT, bool IN_PLACE = false>
 __device__ __forceinline__ void select_banks(float (&acc)[2][G][NT][4], bool (&state)[G][2],
                                              const bool (&want)[G][2], int nt_active = NT) {
 #pragma unroll
@@ -255,10 +257,16 @@ __device__ __forceinline__ void select_banks(float (&acc)[2][G][NT][4], bool (&s
         if (nt < nt_active) {  // n-tiles without tokens hold zeros in both banks: nothing to swap
 #pragma unroll
           for (int r = 2 * h; r < 2 * h + 2; ++r) {  // rows g (regs 0, 1) and g + 8 (regs 2, 3)
-            uint32_t a = __float_as_uint(acc[0][gr][nt][r]), b = __float_as_uint(acc[1][gr][nt][r]), x;
-            asm("lop3.b32 %0, %1, %2, %3, 0x28;" : "=r"(x) : "r"(a), "r"(b), "r"(mask));  // (a ^ b) & mask
-            acc[0][gr][nt][r] = __uint_as_float(a ^ x);
-            acc[1][gr][nt][r] = __uint_as_float(b ^ x);
+            if constexpr (IN_PLACE) {
+              asm("{\n .reg .b32 x;\n lop3.b32 x, %0, %1, %2, 0x28;\n xor.b32 %0, %0, x;\n xor.b32 %1, %1, x;\n}"
+                  : "+f"(acc[0][gr][nt][r]), "+f"(acc[1][gr][nt][r])
+                  : "r"(mask));
+            } else {
+              uint32_t a = __float_as_uint(acc[0][gr][nt][r]), b = __float_as_uint(acc[1][gr][nt][r]), x;
+              asm("lop3.b32 %0, %1, %2, %3, 0x28;" : "=r"(x) : "r"(a), "r"(b), "r"(mask));  // (a ^ b) & mask
+              acc[0][gr][nt][r] = __uint_as_float(a ^ x);
+              acc[1][gr][nt][r] = __uint_as_float(b ^ x);
+            }
           }
         }
       }
@@ -285,7 +293,7 @@ struct RowPairPrefetch {
   }
   // At k-step s, the first of a chunk (or of the caller's run of k-steps, ending at run_end): swap the banks to
   // the chunk's selection and prefetch the next chunk's. The accumulators must be settled (wgmma: waited for).
-  template <int NT>
+  template <int NT, bool IN_PLACE = false>
   __device__ __forceinline__ void enter_chunk(float (&acc)[2][NS][NT][4], bool (&state)[NS][2], int s,
                                               int chunk_shift, int run_end, const bool* ok, int nt_active) {
     bool want[NS][2];
@@ -293,7 +301,7 @@ struct RowPairPrefetch {
     for (int gr = 0; gr < NS; ++gr)
 #pragma unroll
       for (int h = 0; h < 2; ++h) want[gr][h] = next[gr][h] != 0;
-    select_banks<NS, NT>(acc, state, want, nt_active);
+    select_banks<NS, NT, IN_PLACE>(acc, state, want, nt_active);
     const int chunk = (s >> chunk_shift) + 1;
     if ((chunk << chunk_shift) < run_end) load(chunk, ok);
   }

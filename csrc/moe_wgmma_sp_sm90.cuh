@@ -19,9 +19,10 @@
 // next one is prepared).
 // 1:2:V+2:4 (SAMOYEDS) runs one warpgroup x 64 tokens: two accumulator banks of 64 tokens for gate and up take
 // 128 registers (220 in all). The row-pair banks are swapped as in the sm80 kernel (select_banks) at chunk starts,
-// after wgmma.wait_group 0 and before a wgmma.fence. ptxas serialises these wgmmas (C7511 in w13, C7514 in w2):
-// the variant it does not serialise (an in-place swap, one A register set, token rows re-read from shared
-// memory; 255 registers in w13) measured 5-13% slower on an H200 (docs/HOPPER_PREFILL_NOTES.md, section 8).
+// after wgmma.wait_group 0 and before a wgmma.fence; in w2 in place (one asm statement per pair), which keeps
+// ptxas from serialising its wgmmas. ptxas serialises the w13 wgmmas (C7511: registers): the w13 form it does not
+// serialise (in-place swap, one A register set, token rows re-read from shared memory; 255 registers) measured
+// 5-13% slower on an H200 (docs/HOPPER_PREFILL_NOTES.md, section 8).
 #pragma once
 
 #include <type_traits>
@@ -353,7 +354,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
         if (s == run_begin || (s & ((1 << chunk_shift) - 1)) == 0) {
           wgmma_commit();
           wgmma_wait<0>();
-          pairs.enter_chunk<NT>(acc, state, s, chunk_shift, run_end, nullptr, nt_active);
+          // w2: the in-place swap keeps ptxas from serialising the wgmmas (w13 would need 255 registers then)
+          pairs.enter_chunk<NT, G == 1>(acc, state, s, chunk_shift, run_end, nullptr, nt_active);
           wgmma_fence();
         }
       }
