@@ -167,7 +167,8 @@ __device__ __forceinline__ uint64_t token_desc(uint32_t addr, int kk, uint32_t s
 // slot).
 //   2:4        BN 128, 2 warpgroups, SAMOYEDS_WG_STAGES (5) slots: prefill-size calls.
 //   1:2:V+2:4  BN 64, SAMOYEDS_WG_SAM = warpgroups x 10 + slots (14: one warpgroup, 4 slots, two CTAs per SM):
-//              two accumulator banks of 64 tokens per group (220 registers in w13) leave no room for a wider tile.
+//              two accumulator banks of 64 tokens per group (220 registers in w13); 128-token tiles with gate and
+//              up on two warpgroups fit (199 registers) but measured mostly slower.
 //              H200 sweep at 128-8192 tokens (kernel_tuning_*.json): 4 and 5 slots within run-to-run noise, 3
 //              slots 4-25% slower, 6 slots 0-11% slower, two warpgroups (one CTA per SM) 6-25% slower.
 #ifndef SAMOYEDS_WG_STAGES
