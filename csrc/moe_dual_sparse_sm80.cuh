@@ -283,6 +283,15 @@ struct RowPairPrefetch {
   const uint8_t* base = nullptr;
   int stream_stride = 0, half_stride = 0;
   uint8_t next[NS][2] = {};
+  // Rows g and g + 8 from rowsel row first_row on (stream gr: stream_rows rows further per stream), chunks per
+  // row; loads the first chunk of the caller's run of k-steps [run_begin, run_end).
+  __device__ __forceinline__ void begin(const uint8_t* rowsel, long long first_row, int stream_rows, int chunks,
+                                        int run_begin, int run_end, int chunk_shift, const bool* ok) {
+    base = rowsel + first_row * chunks;
+    stream_stride = stream_rows * chunks;
+    half_stride = 8 * chunks;
+    if (run_begin < run_end) load(run_begin >> chunk_shift, ok);
+  }
   __device__ __forceinline__ void load(int chunk, const bool* ok) {
     const uint8_t* p = base + chunk;
 #pragma unroll
@@ -747,10 +756,8 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   // Row selections (1:2:V+2:4); the next stream is the next group (G = 2) or the next m-tile (G = 1).
   RowPairPrefetch<NS> pairs;
   if constexpr (SAMOYEDS) {
-    pairs.base = rowsel + (static_cast<long long>(expert) * G * num_mtiles * 16 + (active ? mt : 0) * 16 + g) * chunks;
-    pairs.stream_stride = (G == 2 ? num_mtiles * 16 : 16) * chunks;
-    pairs.half_stride = 8 * chunks;
-    if (run_begin < run_end) pairs.load(run_begin >> chunk_shift, stream_ok);
+    pairs.begin(rowsel, static_cast<long long>(expert) * G * num_mtiles * 16 + (active ? mt : 0) * 16 + g,
+                G == 2 ? num_mtiles * 16 : 16, chunks, run_begin, run_end, chunk_shift, stream_ok);
   }
 
 #pragma unroll

@@ -297,10 +297,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
   const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
   RowPairPrefetch<G> pairs;
   if constexpr (SAMOYEDS) {
-    pairs.base = rowsel + (static_cast<long long>(expert) * G * num_mtiles * 16 + mt_load * 16 + g) * chunks;
-    pairs.stream_stride = num_mtiles * 16 * chunks;
-    pairs.half_stride = 8 * chunks;
-    if (run_begin < run_end) pairs.load(run_begin >> chunk_shift, nullptr);
+    pairs.begin(rowsel, static_cast<long long>(expert) * G * num_mtiles * 16 + mt_load * 16 + g, num_mtiles * 16,
+                chunks, run_begin, run_end, chunk_shift, nullptr);
   }
 
   // Ring: the wgmmas of block b stay in flight while block b + 1 is issued (wgmma.wait_group 1), so the slot
