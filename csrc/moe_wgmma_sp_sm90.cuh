@@ -37,91 +37,60 @@ namespace samoyeds {
 
 // d[N/2] += A (64 x 32 logical, 2:4-compressed; this warp's 16 rows from registers) * B (32 x N tokens, K-major,
 // through the shared-memory descriptor); f32 accumulate, sparsity selector 0. N = 128 (2:4 tiles) and N = 64
-// (1:2:V+2:4 tiles). The accumulator operand lists are generated text (one per N), shared by both input types.
+// (1:2:V+2:4 tiles). One asm template; the accumulator operands come in blocks of 32 (registers %0-%31, %32-%63).
+#define SAMOYEDS_ACC_REGS_0                                                                                           \
+  "%0,%1,%2,%3,%4,%5,%6,%7,"                                                                                          \
+  "%8,%9,%10,%11,%12,%13,%14,%15,"                                                                                    \
+  "%16,%17,%18,%19,%20,%21,%22,%23,"                                                                                  \
+  "%24,%25,%26,%27,%28,%29,%30,%31"
+#define SAMOYEDS_ACC_OPS_0                                                                                            \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),                                                                     \
+  "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                                                                     \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),                                                                   \
+  "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),                                                                 \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),                                                                 \
+  "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),                                                                 \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),                                                                 \
+  "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define SAMOYEDS_ACC_REGS_32                                                                                          \
+  "%32,%33,%34,%35,%36,%37,%38,%39,"                                                                                  \
+  "%40,%41,%42,%43,%44,%45,%46,%47,"                                                                                  \
+  "%48,%49,%50,%51,%52,%53,%54,%55,"                                                                                  \
+  "%56,%57,%58,%59,%60,%61,%62,%63"
+#define SAMOYEDS_ACC_OPS_32                                                                                           \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),                                                                 \
+  "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),                                                                 \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),                                                                 \
+  "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),                                                                 \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),                                                                 \
+  "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),                                                                 \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),                                                                 \
+  "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define SAMOYEDS_WGMMA_SP_ASM(SHAPE, PTX_TYPE, REGS, TAIL, ...)                                                       \
+  asm volatile("wgmma.mma_async.sp.sync.aligned." SHAPE ".f32." PTX_TYPE "." PTX_TYPE " {" REGS "}, " TAIL            \
+               : __VA_ARGS__                                                                                          \
+               : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(desc), "r"(meta))
+
 template <typename T, int N>
-struct WgmmaSp;
-#define SAMOYEDS_WGMMA_SP_M64N64K32(PTX_TYPE)                                                                         \
-  asm volatile(                                                                                                       \
-      "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32." PTX_TYPE "." PTX_TYPE " {"                                     \
-      "%0,%1,%2,%3,%4,%5,%6,%7,"                                                                                      \
-      "%8,%9,%10,%11,%12,%13,%14,%15,"                                                                                \
-      "%16,%17,%18,%19,%20,%21,%22,%23,"                                                                              \
-      "%24,%25,%26,%27,%28,%29,%30,%31"                                                                               \
-      "}, {%32,%33,%34,%35}, %36, %37, 0, 1, 1, 1, 0;\n"                                                              \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),                                                               \
-        "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                                                               \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),                                                             \
-        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),                                                           \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),                                                           \
-        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),                                                           \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),                                                           \
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                            \
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(desc), "r"(meta))
-#define SAMOYEDS_WGMMA_SP_M64N128K32(PTX_TYPE)                                                                        \
-  asm volatile(                                                                                                       \
-      "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." PTX_TYPE "." PTX_TYPE " {"                                    \
-      "%0,%1,%2,%3,%4,%5,%6,%7,"                                                                                      \
-      "%8,%9,%10,%11,%12,%13,%14,%15,"                                                                                \
-      "%16,%17,%18,%19,%20,%21,%22,%23,"                                                                              \
-      "%24,%25,%26,%27,%28,%29,%30,%31,"                                                                              \
-      "%32,%33,%34,%35,%36,%37,%38,%39,"                                                                              \
-      "%40,%41,%42,%43,%44,%45,%46,%47,"                                                                              \
-      "%48,%49,%50,%51,%52,%53,%54,%55,"                                                                              \
-      "%56,%57,%58,%59,%60,%61,%62,%63"                                                                               \
-      "}, {%64,%65,%66,%67}, %68, %69, 0, 1, 1, 1, 0;\n"                                                              \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),                                                               \
-        "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                                                               \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),                                                             \
-        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),                                                           \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),                                                           \
-        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),                                                           \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),                                                           \
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),                                                           \
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),                                                           \
-        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),                                                           \
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),                                                           \
-        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),                                                           \
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),                                                           \
-        "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),                                                           \
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),                                                           \
-        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                                                            \
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(desc), "r"(meta))
-
-template <>
-struct WgmmaSp<__nv_bfloat16, 64> {
-  static __device__ __forceinline__ void mma(float (&d)[32], const uint4& a, uint64_t desc, uint32_t meta) {
+__device__ __forceinline__ void wgmma_sp(float (&d)[N / 2], const uint4& a, uint64_t desc, uint32_t meta) {
+  static_assert(N == 64 || N == 128, "the kernels use m64n64k32 and m64n128k32");
 #if defined(SAMOYEDS_HAS_WGMMA)
-    SAMOYEDS_WGMMA_SP_M64N64K32("bf16");
-#endif
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  if constexpr (N == 64 && kBf16) {
+    SAMOYEDS_WGMMA_SP_ASM("m64n64k32", "bf16", SAMOYEDS_ACC_REGS_0, "{%32,%33,%34,%35}, %36, %37, 0, 1, 1, 1, 0;\n",
+                          SAMOYEDS_ACC_OPS_0);
+  } else if constexpr (N == 64) {
+    SAMOYEDS_WGMMA_SP_ASM("m64n64k32", "f16", SAMOYEDS_ACC_REGS_0, "{%32,%33,%34,%35}, %36, %37, 0, 1, 1, 1, 0;\n",
+                          SAMOYEDS_ACC_OPS_0);
+  } else if constexpr (kBf16) {
+    SAMOYEDS_WGMMA_SP_ASM("m64n128k32", "bf16", SAMOYEDS_ACC_REGS_0 "," SAMOYEDS_ACC_REGS_32,
+                          "{%64,%65,%66,%67}, %68, %69, 0, 1, 1, 1, 0;\n", SAMOYEDS_ACC_OPS_0, SAMOYEDS_ACC_OPS_32);
+  } else {
+    SAMOYEDS_WGMMA_SP_ASM("m64n128k32", "f16", SAMOYEDS_ACC_REGS_0 "," SAMOYEDS_ACC_REGS_32,
+                          "{%64,%65,%66,%67}, %68, %69, 0, 1, 1, 1, 0;\n", SAMOYEDS_ACC_OPS_0, SAMOYEDS_ACC_OPS_32);
   }
-};
-
-template <>
-struct WgmmaSp<__half, 64> {
-  static __device__ __forceinline__ void mma(float (&d)[32], const uint4& a, uint64_t desc, uint32_t meta) {
-#if defined(SAMOYEDS_HAS_WGMMA)
-    SAMOYEDS_WGMMA_SP_M64N64K32("f16");
 #endif
-  }
-};
-
-template <>
-struct WgmmaSp<__nv_bfloat16, 128> {
-  static __device__ __forceinline__ void mma(float (&d)[64], const uint4& a, uint64_t desc, uint32_t meta) {
-#if defined(SAMOYEDS_HAS_WGMMA)
-    SAMOYEDS_WGMMA_SP_M64N128K32("bf16");
-#endif
-  }
-};
-
-template <>
-struct WgmmaSp<__half, 128> {
-  static __device__ __forceinline__ void mma(float (&d)[64], const uint4& a, uint64_t desc, uint32_t meta) {
-#if defined(SAMOYEDS_HAS_WGMMA)
-    SAMOYEDS_WGMMA_SP_M64N128K32("f16");
-#endif
-  }
-};
+}
 
 __device__ __forceinline__ void wgmma_fence() {
 #if defined(SAMOYEDS_HAS_WGMMA)
@@ -343,8 +312,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     auto issue_step = [&](int kk) {
 #pragma unroll
       for (int gr = 0; gr < G; ++gr)
-        WgmmaSp<T, BN>::mma(reinterpret_cast<float(&)[BN / 2]>(acc[0][gr][0][0]), a[buf][kk][gr],
-                            token_desc(b_st, kk, L::kSbo), meta[buf][kk][gr]);
+        wgmma_sp<T, BN>(reinterpret_cast<float(&)[BN / 2]>(acc[0][gr][0][0]), a[buf][kk][gr],
+                        token_desc(b_st, kk, L::kSbo), meta[buf][kk][gr]);
     };
     // 1:2:V+2:4: before the first k-step of a chunk (and of this split) every wgmma on the banks must have
     // retired: commit what this block issued so far, wait, swap, fence again.
