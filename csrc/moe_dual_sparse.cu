@@ -186,8 +186,7 @@ void launch_wgmma(const GemmArgs& a, int splits, cudaStream_t stream, const char
 // mma.sp kernels win up to 48 pairs per expert on Qwen3-30B-A3B and OLMoE shapes, 0.73-0.90x, wgmma.sp from 64 on,
 // 1.11-1.33x at 64 and 1.1-1.7x beyond; 1:2:V+2:4 in kernel_tuning_*.json: mma.sp wins at 16-32 pairs per expert
 // on Mixtral-8x7B and OLMoE shapes by 5-29% (Qwen3-30B-A3B at 32: wgmma.sp by 5%), wgmma.sp from 64 on by
-// 8-35%). SAMOYEDS_WGMMA
-// (samoyeds_vllm/envs.py): 1 (default) by that rule, 0 never, 2 for every call (tests).
+// 8-35%). SAMOYEDS_WGMMA (samoyeds_vllm/envs.py): 1 (default) by that rule, 0 never, 2 for every call (tests).
 constexpr double kWgmmaMinPairs = 64.0;
 bool wgmma_wanted(double pairs_per_expert, int device) {
   static const int mode = env_int("SAMOYEDS_WGMMA", 1);
