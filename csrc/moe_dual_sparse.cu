@@ -166,18 +166,24 @@ void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t str
   SAMOYEDS_CHECK_LAUNCH(what);
 }
 
-// Hopper path (moe_wgmma_sp_sm90.cuh): WgTile<SAMOYEDS> warpgroups x BN tokens per CTA.
+// Hopper path (moe_wgmma_sp_sm90.cuh): a persistent grid of WgTile::kCtasPerSm CTAs per SM (at most one per work
+// item) over the
+// (token tile, WgTile<SAMOYEDS>::kWarps m-tiles, K split) work items.
 template <typename T, int G, bool SAMOYEDS>
-void launch_wgmma(const GemmArgs& a, int splits, cudaStream_t stream, const char* what) {
+void launch_wgmma(const GemmArgs& a, int splits, int device, cudaStream_t stream, const char* what) {
   using Tile = WgTile<SAMOYEDS>;
   constexpr auto kernel = moe_wgmma_sp_kernel<T, G, SAMOYEDS>;
   constexpr int smem = WgSmem<T, G, SAMOYEDS>::bytes();
   reserve_dynamic_smem<kernel>(smem, what);
-  const dim3 grid(a.max_tiles, (a.num_mtiles + Tile::kWarps - 1) / Tile::kWarps, splits);
-  kernel<<<grid, Tile::kWarps * 32, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
-                                                    static_cast<const uint32_t*>(a.meta), a.rowsel, a.sorted_pairs,
-                                                    a.tile_expert, a.num_tiles, a.topk_weights, a.out, a.K,
-                                                    a.num_mtiles, a.chunk_shift, a.topk, a.out_ld, a.num_pairs);
+  const WgWork work{(a.num_mtiles + Tile::kWarps - 1) / Tile::kWarps, splits};
+  int sms = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const long long items = static_cast<long long>(a.max_tiles) * work.mgroups * work.splits;  // >= the real count
+  const int grid = static_cast<int>(std::min<long long>(items, static_cast<long long>(sms) * Tile::kCtasPerSm));
+  kernel<<<grid, Tile::kThreads, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
+                                                 static_cast<const uint32_t*>(a.meta), a.rowsel, a.sorted_pairs,
+                                                 a.tile_expert, a.num_tiles, a.topk_weights, a.out, a.K, a.num_mtiles,
+                                                 a.chunk_shift, a.topk, a.out_ld, a.num_pairs, work);
   SAMOYEDS_CHECK_LAUNCH(what);
 }
 
@@ -218,16 +224,15 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
 
   const bool pipelined13 = DENSE || NT > 1 || hidden / 32 < kSplitKMinSteps;
   const bool pipelined2 = DENSE || NT > 1 || inter / 32 < kSplitKMinSteps;
-  // w2 K splits (pipelined and wgmma.sp kernels): ~16 (wgmma.sp: 2) CTAs per SM in total, >= 64 k-steps per
-  // split, at most 8.
+  // w2 K splits (pipelined and wgmma.sp kernels): ~16 CTAs (wgmma.sp: work items) per SM in total (wgmma.sp: ~2
+  // per persistent CTA), >= 64 k-steps per split, at most 8.
   static_assert(!WGMMA || (NT * 8 == WgTile<SAMOYEDS>::kBN && !DENSE), "the wgmma path runs WgTile's token tiles");
   int splits = 1;
   if (pipelined2) {
     using C = PipeConfig<SAMOYEDS, DENSE>;
-    // The wgmma kernel runs one (2:4) or two (1:2:V+2:4) CTAs per SM: ~2 waves instead.
     const int kb = WGMMA ? kWgKB : C::kBlock;
     const int mtiles_per_cta = WGMMA ? WgTile<SAMOYEDS>::kWarps : C::kWarps * kernel_streams<1, NT, SAMOYEDS, DENSE>();
-    const int ctas_per_sm = WGMMA ? 4 / WgTile<SAMOYEDS>::kGroups : 16;
+    const int ctas_per_sm = WGMMA ? 2 * WgTile<SAMOYEDS>::kCtasPerSm : 16;
     const int total_blk = (inter / 32 + kb - 1) / kb;
     const int ctas = max_tiles * ((mt2 + mtiles_per_cta - 1) / mtiles_per_cta);
     int sms = 0;
@@ -264,7 +269,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
                tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), nullptr, intermediate.data_ptr(),
                hidden, mt13, chunk_shift, topk, inter, num_pairs, max_tiles};
   if constexpr (WGMMA) {
-    launch_wgmma<T, 2, SAMOYEDS>(a13, 1, stream, "w13 GEMM + SwiGLU (wgmma)");
+    launch_wgmma<T, 2, SAMOYEDS>(a13, 1, x.get_device(), stream, "w13 GEMM + SwiGLU (wgmma)");
   } else {
     launch_gemm<T, 2, NT, SAMOYEDS, DENSE>(a13, pipelined13, 1, stream, "w13 GEMM + SwiGLU");
   }
@@ -273,7 +278,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
               tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), weights.data_ptr<float>(),
               slot_out.data_ptr(), inter, mt2, chunk_shift, topk, hidden, num_pairs, max_tiles};
   if constexpr (WGMMA) {
-    launch_wgmma<T, 1, SAMOYEDS>(a2, splits, stream, "w2 GEMM + routing weight (wgmma)");
+    launch_wgmma<T, 1, SAMOYEDS>(a2, splits, x.get_device(), stream, "w2 GEMM + routing weight (wgmma)");
   } else {
     launch_gemm<T, 1, NT, SAMOYEDS, DENSE>(a2, pipelined2, splits, stream, "w2 GEMM + routing weight");
   }

@@ -1,11 +1,13 @@
-// Hopper (sm_90a) grouped sparse MoE GEMM with wgmma.mma_async.sp, for prefill-size token tiles (2:4).
+// Hopper (sm_90a) grouped sparse MoE GEMM with wgmma.mma_async.sp, for prefill-size token tiles (2:4 and
+// 1:2:V+2:4).
 //
 // Same job, operands and epilogues as moe_mma_sp_pipelined_kernel (moe_dual_sparse_sm80.cuh). A CTA is two
-// warpgroups stacked along M: 128 stored rows (8 m-tiles, one per warp) of its G groups x 128 tokens, one
-// m64n128k32 sparse wgmma per (warpgroup, group, k-step):
+// consumer warpgroups stacked along M, 128 stored rows (8 m-tiles, one per warp) of its G groups x BN tokens, one
+// m64nBNk32 sparse wgmma per (warpgroup, group, k-step), plus one producer warpgroup (warp-specialised, persistent:
+// see moe_wgmma_sp_kernel):
 //   A (weights)  from registers ("RS" form): the sm80 kernel-layout fragment of each warp's m-tile is exactly
 //                the per-warp A fragment of wgmma.sp, and its metadata register is the mma.sp one (selector 0);
-//                it moves global -> shared (cp.async ring) -> registers as in the sm80 kernel.
+//                it moves global -> shared (the producer's cp.async ring) -> registers.
 //   B (tokens)   from shared memory through a matrix descriptor: gathered by cp.async (16 B per copy) into the
 //                K-major 128-byte-swizzled layout (a token row's 64 k of a slot = one 128-byte row of an 8-row,
 //                1024-byte atom; eight threads copy one row, i.e. one whole 128-byte line). The no-swizzle
@@ -13,12 +15,12 @@
 //                made the w13 kernel 1.8x slower on an H200 (4x the L2 requests).
 //   C/D          f32 in registers; per warp d[4j + r] is the mma.sync m16n8 fragment of n-tile j, so the
 //                store_epilogue of the sm80 kernel applies unchanged.
-// Per k-block of KB k-steps: wait for the ring slot, fence.proxy.async (cp.async writes are generic-proxy writes
-// that wgmma reads through the async proxy), barrier, refill the slot retired two blocks ago, load the block's
-// A and metadata into registers, wgmma.fence, issue, commit, wait_group 1 (the block stays in flight while the
-// next one is prepared).
-// 1:2:V+2:4 (SAMOYEDS) runs one warpgroup x 64 tokens: two accumulator banks of 64 tokens for gate and up take
-// 128 registers (220 in all). The row-pair banks are swapped as in the sm80 kernel (select_banks) at chunk starts,
+// Per k-block of KB k-steps a consumer waits on the slot's "full" mbarrier, fence.proxy.async (the producer's
+// cp.async writes are generic-proxy writes that wgmma reads through the async proxy), loads the block's A and
+// metadata into registers, wgmma.fence, issues, commits, waits for all but this block (wait_group 1) and releases
+// the block before on its slot's "empty" mbarrier.
+// 1:2:V+2:4 (SAMOYEDS) runs 64-token tiles: two accumulator banks of 64 tokens for gate and up take 128
+// registers (216 in all). The row-pair banks are swapped as in the sm80 kernel (select_banks) at chunk starts,
 // after wgmma.wait_group 0 and before a wgmma.fence; in w2 in place (one asm statement per pair), which keeps
 // ptxas from serialising its wgmmas. ptxas serialises the w13 wgmmas (C7511: registers): the w13 form it does not
 // serialise (in-place swap, one A register set, token rows re-read from shared memory; 255 registers) measured
@@ -131,33 +133,96 @@ __device__ __forceinline__ uint64_t token_desc(uint32_t addr, int kk, uint32_t s
   return smem_desc(addr + kk * 64, 16, sbo) | (1ull << 62);
 }
 
-// Tiles of the wgmma kernel (WgTile): WGS warpgroups stacked along M (each 64 stored rows = 4 m-tiles, one per
-// warp) x BN tokens; a ring of STAGES slots of kWgKB = 2 k-steps (64 k: one 128-byte swizzled row per token and
-// slot).
-//   2:4        BN 128, 2 warpgroups, SAMOYEDS_WG_STAGES (5) slots: prefill-size calls.
-//   1:2:V+2:4  BN 64, SAMOYEDS_WG_SAM = warpgroups x 10 + slots (14: one warpgroup, 4 slots, two CTAs per SM):
-//              two accumulator banks of 64 tokens per group (220 registers in w13); 128-token tiles with gate and
-//              up on two warpgroups fit (199 registers) but measured mostly slower.
-//              H200 sweep at 128-8192 tokens (kernel_tuning_*.json): 4 and 5 slots within run-to-run noise, 3
-//              slots 4-25% slower, 6 slots 0-11% slower, two warpgroups (one CTA per SM) 6-25% slower.
+// mbarrier ring (PTX ISA: mbarrier, cp.async.bulk, cp.async.mbarrier.arrive). bar is a shared-window address.
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+#if defined(SAMOYEDS_HAS_WGMMA)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+// Make barrier initialisation visible to the async proxy (bulk copies complete transactions on it).
+__device__ __forceinline__ void mbar_init_fence() {
+#if defined(SAMOYEDS_HAS_WGMMA)
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+// Block until the phase of parity `parity` of the barrier has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#if defined(SAMOYEDS_HAS_WGMMA)
+  // The retry loop stays inside the asm: a C++ loop would be a divergent path to ptxas, which then serialises
+  // the wgmmas after it (C7520).
+  asm volatile(
+      "{\n .reg .pred p;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT;\n}\n" ::"r"(
+          bar),
+      "r"(parity)
+      : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar, bool pred = true) {
+#if defined(SAMOYEDS_HAS_WGMMA)
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %1, 0;\n @p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(bar),
+               "r"(static_cast<int>(pred))
+               : "memory");
+#endif
+}
+// One arrival, triggered when every cp.async this thread issued before it has landed (counts as an expected
+// arrival: .noinc).
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
+#if defined(SAMOYEDS_HAS_WGMMA)
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+#endif
+}
+// Hand registers between warpgroups (all warps of a warpgroup execute it): the producer gives up, the consumers
+// take.
+template <int N>
+__device__ __forceinline__ void warpgroup_reg_dealloc() {
+#if defined(SAMOYEDS_HAS_WGMMA)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+template <int N>
+__device__ __forceinline__ void warpgroup_reg_alloc() {
+#if defined(SAMOYEDS_HAS_WGMMA)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+
+// Tiles of the wgmma kernel (WgTile): kGroups consumer warpgroups stacked along M (each 64 stored rows = 4
+// m-tiles, one per warp) x BN tokens, plus one producer warpgroup; a ring of kStages slots of kWgKB = 2 k-steps
+// (64 k: one 128-byte swizzled row per token and slot).
+//   2:4        BN 128, 2 consumer warpgroups, SAMOYEDS_WG_STAGES slots.
+//   1:2:V+2:4  BN 64, SAMOYEDS_WG_SAM = consumer warpgroups x 10 + slots: two accumulator banks of 64 tokens per
+//              group (220 registers in w13).
 #ifndef SAMOYEDS_WG_STAGES
 #define SAMOYEDS_WG_STAGES 5
 #endif
 #ifndef SAMOYEDS_WG_SAM
-#define SAMOYEDS_WG_SAM 14
+#define SAMOYEDS_WG_SAM 25
+#endif
+#ifndef SAMOYEDS_WG_PRODUCER_REGS
+#define SAMOYEDS_WG_PRODUCER_REGS 64
 #endif
 constexpr int kWgKB = 2;
 template <bool SAMOYEDS>
 struct WgTile {
   static constexpr int kBN = SAMOYEDS ? 64 : 128;
   static constexpr int kGroups = SAMOYEDS ? SAMOYEDS_WG_SAM / 10 : 2;
-  static constexpr int kWarps = 4 * kGroups;
+  static constexpr int kWarps = 4 * kGroups;          // consumer warps (one m-tile each)
+  static constexpr int kThreads = 32 * kWarps + 128;  // + the producer warpgroup
+  // CTAs per SM: two with one consumer warpgroup, else one. Registers per thread after setmaxnreg (multiples of
+  // 8): the launch gives every thread kLaunchRegs (64K per SM); the consumers can take only what the producer
+  // gave back to the CTA's pool (asking for more blocks setmaxnreg.inc forever).
+  static constexpr int kCtasPerSm = kGroups == 1 ? 2 : 1;
+  static constexpr int kLaunchRegs = 65536 / (kThreads * kCtasPerSm) / 8 * 8;
+  static constexpr int kProducerRegs = SAMOYEDS_WG_PRODUCER_REGS;
+  static constexpr int kConsumerRegs = (kLaunchRegs + (kLaunchRegs - kProducerRegs) / kGroups) / 8 * 8;
+  static_assert(128 * kProducerRegs + 128 * kGroups * kConsumerRegs <= kLaunchRegs * kThreads, "register pool");
   static constexpr int kStages = SAMOYEDS ? SAMOYEDS_WG_SAM % 10 : SAMOYEDS_WG_STAGES;
-  static_assert(kStages >= 3, "a slot is refilled two blocks after its wgmmas were issued");
+  static_assert(kStages >= 3, "a slot is released one block after its wgmmas were issued");
 };
 
 // Ring slot layout (bytes): weights [warp][group][k-step][lane] x 16, metadata [warp][group][k-step][16] x 4,
-// tokens: 8-token group j at j * kSbo, one 1024-byte 128B-swizzle atom.
+// tokens: 8-token group j at j * kSbo, one 1024-byte 128B-swizzle atom. Per slot one "full" and one "empty"
+// mbarrier.
 template <typename T, int G, bool SAMOYEDS>
 struct WgSmem {
   using Tile = WgTile<SAMOYEDS>;
@@ -167,201 +232,254 @@ struct WgSmem {
   static constexpr uint32_t kSbo = 8 * 128;
   static constexpr uint32_t kBStage = (Tile::kBN / 8) * kSbo;
   static constexpr uint32_t kMOff = Tile::kStages * kAStage, kBOff = kMOff + Tile::kStages * kMStage;
-  static constexpr int bytes() { return static_cast<int>(kBOff + Tile::kStages * kBStage) + 1024; }  // + alignment
+  static constexpr uint32_t kBarOff = kBOff + Tile::kStages * kBStage;  // full[kStages], empty[kStages]
+  static constexpr int bytes() { return static_cast<int>(kBarOff + 2 * 8 * Tile::kStages) + 1024; }  // + alignment
 };
 
+// Work items of the persistent grid: (token tile, CTA m-tile group, K split) over the tiles the routing plan
+// made (tiles, read on the device), token tile fastest, so that the CTAs running at the same time read the same
+// weights (once from DRAM, the rest from L2).
+struct WgWork {
+  int mgroups, splits;
+  __device__ __forceinline__ int items(int tiles) const { return tiles * mgroups * splits; }
+  __device__ __forceinline__ int3 at(int item, int tiles) const {
+    return make_int3(item % tiles, (item / tiles) % mgroups, item / (tiles * mgroups));
+  }
+};
+
+// K split z of splits owns k-blocks [x, y) of total_blk.
+__device__ __forceinline__ int2 split_blocks(int total_blk, int z, int splits) {
+  return make_int2(static_cast<int>(static_cast<long long>(total_blk) * z / splits),
+                   static_cast<int>(static_cast<long long>(total_blk) * (z + 1) / splits));
+}
+
+// Persistent and warp-specialised. Each CTA walks the work items blockIdx.x, + gridDim.x, ...; one ring runs
+// through all of them, so the producer fills the next item's first slots while the consumers finish the last
+// one (epilogue included).
+//   producer warpgroup (the last one; setmaxnreg gives its registers to the consumers): gathers the tile's
+//     token rows and copies the weights and metadata of every consumer warp, all by cp.async (16 B each; tokens
+//     128-byte-swizzled as above), then one cp.async.mbarrier.arrive.noinc per thread on the slot's "full"
+//     barrier (128 arrivals).
+//   consumer warpgroups: wait on "full", read A and metadata into registers, issue the wgmmas, and release the
+//     slot of the block before (retired at wait_group 1) with one arrival per warp on its "empty" barrier; the
+//     last block of an item is released after wait_group 0.
+// (Weights by cp.async.bulk instead, 1 KB per warp and group: 1.5-1.8x slower on an H200.)
 template <typename T, int G, bool SAMOYEDS>
-__global__ void __launch_bounds__(WgTile<SAMOYEDS>::kWarps * 32, 1)
+__global__ void __launch_bounds__(WgTile<SAMOYEDS>::kThreads, WgTile<SAMOYEDS>::kCtasPerSm)
 moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues, const uint32_t* __restrict__ kmeta,
                     const uint8_t* __restrict__ rowsel, const int32_t* __restrict__ sorted_pairs,
                     const int32_t* __restrict__ tile_expert, const int32_t* __restrict__ num_tiles,
                     const float* __restrict__ topk_weights, void* __restrict__ out, int K, int num_mtiles,
-                    int chunk_shift, int topk, int out_ld, int num_pairs) {  // G=1: slot_out [gridDim.z, pairs, H]
+                    int chunk_shift, int topk, int out_ld, int num_pairs,  // G=1: slot_out [splits, pairs, H]
+                    WgWork work) {
 #if defined(SAMOYEDS_HAS_WGMMA)
   using L = WgSmem<T, G, SAMOYEDS>;
   using Tile = WgTile<SAMOYEDS>;
   constexpr int BN = Tile::kBN, WARPS = Tile::kWarps;
-  constexpr int NT = BN / 8, KB = kWgKB, STAGES = Tile::kStages, THREADS = WARPS * 32;
+  constexpr int NT = BN / 8, KB = kWgKB, STAGES = Tile::kStages;
   constexpr int BANKS = SAMOYEDS ? 2 : 1;
   constexpr int KBLK = L::kKBlk;
-  constexpr int GROUPS_PER_PASS = THREADS / 64;  // 8 threads per token row, 8 rows per 8-token group
-  constexpr int TOKEN_COPIES = NT / GROUPS_PER_PASS;
-  static_assert(KBLK * sizeof(T) == 128 && NT % GROUPS_PER_PASS == 0, "a slot holds one 128-byte row per token");
+  static_assert(KBLK * sizeof(T) == 128, "a slot holds one 128-byte row per token");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ const T* rows[BN];
-  const int tile = blockIdx.x;
-  if (tile >= *num_tiles) return;  // uniform across the CTA
-  const int expert = tile_expert[tile];
+  const int tiles = *num_tiles;
+  const int items = work.items(tiles);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int mt = blockIdx.y * WARPS + warp;
-  // wgmma is warpgroup-wide: a warp past the last m-tile still runs it (on clamped, valid weights) and skips
-  // only its stores.
-  const bool active = mt < num_mtiles;
-  const int mt_load = active ? mt : num_mtiles - 1;
   const int S = K >> 5;
-  const int2 blk_range = k_split_blocks((S + KB - 1) / KB);
-  const int blk_begin = blk_range.x;
-  const int nblk = blk_range.y - blk_begin;
-  const int nt_active = gather_tile_rows<T, BN, G>(act, sorted_pairs, tile, topk, K, rows);
-  const int load_rows = nt_active * 8;
-
+  const int total_blk = (S + KB - 1) / KB;
   const uint32_t smem = (smem_addr(smem_raw) + 1023) & ~1023u;  // swizzle atoms are 1024-byte aligned
-  const uint32_t a_sm = smem + warp * L::kAWarp + lane * 16;
-  const uint32_t m_sm_w = smem + L::kMOff + warp * L::kMWarp + (lane & 3) * 16;
-  const uint32_t m_sm_r = smem + L::kMOff + warp * L::kMWarp + (2 * g + (t & 1)) * 4;
-  const int tid = threadIdx.x;
-  // 128-byte swizzle: a token row's KBLK = 64 values are one 128-byte row of an 8-row atom (1024 bytes, 8-token
-  // group j at j * kSbo), its 16-byte chunk c stored at chunk c ^ (row % 8). Eight neighbouring threads copy one
-  // row (a whole 128-byte line of global memory, one contiguous 128 bytes of shared memory); copy i moves
-  // GROUPS_PER_PASS groups on.
-  const int tok_chunk = tid & 7, r8 = (tid >> 3) & 7, grp0 = tid >> 6;
-  const uint32_t b_sm_w = smem + L::kBOff + grp0 * L::kSbo + r8 * 128 + ((tok_chunk ^ r8) << 4);
-  const int tok_col = tok_chunk * 8;
-  const T* tok_src[TOKEN_COPIES];
-  bool tok_ok[TOKEN_COPIES];
+  const uint32_t full_bar = smem + L::kBarOff, empty_bar = full_bar + 8 * STAGES;
+  if (threadIdx.x == 0) {
 #pragma unroll
-  for (int i = 0; i < TOKEN_COPIES; ++i) {
-    const int row = 8 * (grp0 + i * GROUPS_PER_PASS) + r8;
-    tok_ok[i] = row < load_rows && rows[row] != nullptr;
-    tok_src[i] = (tok_ok[i] ? rows[row] : act) + tok_col;
-  }
-  const long long tile_base = (static_cast<long long>(expert) * num_mtiles + mt_load) * G;
-  const uint4* a_grp[G];
-  const uint4* m_grp[G];
-#pragma unroll
-  for (int gr = 0; gr < G; ++gr) {
-    a_grp[gr] = kvalues + (tile_base + gr) * S * 32 + lane;
-    m_grp[gr] = reinterpret_cast<const uint4*>(kmeta + (tile_base + gr) * S * 16) + (lane & 3);
-  }
-
-  auto load_slot = [&](int local, int slot) {
-    const int blk = blk_begin + local;
-    const bool k_ok = blk * KBLK + tok_col < K;
-#pragma unroll
-    for (int i = 0; i < TOKEN_COPIES; ++i)
-      cp_async_16(b_sm_w + slot * L::kBStage + i * GROUPS_PER_PASS * L::kSbo, tok_src[i] + blk * KBLK,
-                  k_ok && tok_ok[i]);
-    const int s0 = blk * KB;
-#pragma unroll
-    for (int kk = 0; kk < KB; ++kk) {
-      const bool in_k = s0 + kk < S;
-#pragma unroll
-      for (int gr = 0; gr < G; ++gr) {
-        cp_async_16(a_sm + slot * L::kAStage + (gr * KB + kk) * 512, a_grp[gr] + (s0 + kk) * 32, in_k);
-        cp_async_16(m_sm_w + slot * L::kMStage + (gr * KB + kk) * 64, m_grp[gr] + (s0 + kk) * 4, in_k && lane < 4);
-      }
+    for (int st = 0; st < STAGES; ++st) {
+      mbar_init(full_bar + 8 * st, 128);
+      mbar_init(empty_bar + 8 * st, WARPS);
     }
-    cp_async_commit();
-  };
-
-  float acc[BANKS][G][NT][4];
-  float* flat = &acc[0][0][0][0];
-#pragma unroll
-  for (int i = 0; i < BANKS * G * NT * 4; ++i) flat[i] = 0.f;
-
-  // 1:2:V+2:4 row pairs (select_banks): the bank state and the row selections of the next chunk.
-  bool state[G][2] = {};
-  const int run_begin = blk_begin * KB, run_end = min(blk_range.y * KB, S);
-  const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
-  RowPairPrefetch<G> pairs;
-  if constexpr (SAMOYEDS) {
-    pairs.begin(rowsel, static_cast<long long>(expert) * G * num_mtiles * 16 + mt_load * 16 + g, num_mtiles * 16,
-                chunks, run_begin, run_end, chunk_shift, nullptr);
+    mbar_init_fence();
   }
+  __syncthreads();
 
-  // Ring: the wgmmas of block b stay in flight while block b + 1 is issued (wgmma.wait_group 1), so the slot
-  // of block b is refilled only at iteration b + 2, with block b + STAGES: STAGES - 2 blocks land ahead.
+  // Roles by warpgroup; the shuffle makes the index visibly warp-uniform to the compiler.
+  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) >> 7, 0);
+  if (wg == Tile::kGroups) {  // ------------------------------------------------------- producer warpgroup
+    warpgroup_reg_dealloc<Tile::kProducerRegs>();
+    const int p = threadIdx.x - 32 * WARPS;
+    // Tokens: thread p copies 16-byte chunk c = p % 8 of rows p / 8 + 16 i; 128-byte swizzle: a token row's
+    // KBLK = 64 values are one 128-byte row of an 8-row atom (8-token group q at q * kSbo), chunk c stored at
+    // chunk c ^ (row % 8).
+    constexpr int COPIES = BN / 16;
+    const int c = p & 7, r16 = p >> 3, r8 = r16 & 7;
+    const uint32_t tok_dst = smem + L::kBOff + (r16 >> 3) * L::kSbo + r8 * 128 + ((c ^ r8) << 4);
+    // Weights: 16-byte vector p + 128 i of the block's A ([warp][group][kk][lane]): copy i of thread p is lane
+    // p % 32 of (kk, group, warp) = (q % KB, q / KB % G, q / (KB G)) with q = p / 32 + 4 i, i.e. A_STEP consumer
+    // warps on per copy. Metadata: 16-byte vector p. Rows of m-tiles past the last are not copied (the wgmmas of
+    // their warps read stale shared memory; those warps store nothing).
+    constexpr int A_COPIES = WARPS * G * KB * 32 / 128;
+    static_assert(4 % (KB * G) == 0, "copy i + 1 of a thread is A_STEP whole warps on");
+    constexpr int A_STEP = 4 / (KB * G);
+    const int a_q = p >> 5, a_kk = a_q % KB, a_g = (a_q / KB) % G, a_w = a_q / (KB * G);
+    const uint32_t a_dst = smem + a_w * L::kAWarp + (a_g * KB + a_kk) * 512 + lane * 16;
+    const int mq4 = p >> 2, m_kk = mq4 % KB, m_g = (mq4 / KB) % G, m_w = mq4 / (KB * G);
+    const bool m_ok = mq4 < WARPS * G * KB;
+    const uint32_t m_dst = smem + L::kMOff + m_w * L::kMWarp + (m_g * KB + m_kk) * 64 + (p & 3) * 16;
+    int slot = 0, produced = 0;
+    uint32_t empty_parity = 1;  // round r >= 1 of the ring waits for phase r - 1 of the slot's empty barrier
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {
+      const int3 w = work.at(item, tiles);
+      const int expert = tile_expert[w.x];
+      int tok_row[COPIES];  // activation row, -1 for padding
 #pragma unroll
-  for (int p = 0; p < STAGES - 2; ++p) {
-    if (p < nblk) {
-      load_slot(p, p);
-    } else {
-      cp_async_commit();
-    }
-  }
-  // A and metadata of a block go to registers before its wgmmas (RS form); two register sets alternate
-  // because the previous block's wgmmas still read theirs.
-  uint4 a[2][KB][G];
-  uint32_t meta[2][KB][G];
-  auto run_block = [&](int blk, int slot, auto buf_c) {
-    constexpr int buf = decltype(buf_c)::value;
-    cp_async_wait<STAGES - 3>();
-    fence_proxy_async_shared();  // this thread's landed token rows, visible to the wgmma (async proxy)
-    __syncthreads();             // everyone's rows landed; every warpgroup retired block blk - 2
-    {
-      const int next = blk + STAGES - 2;
-      int next_slot = slot + STAGES - 2;
-      if (next_slot >= STAGES) next_slot -= STAGES;
-      if (next < nblk) {
-        load_slot(next, next_slot);
-      } else {
-        cp_async_commit();
+      for (int i = 0; i < COPIES; ++i) {
+        const int r = w.x * BN + r16 + 16 * i;
+        const int pair = sorted_pairs[r];
+        tok_row[i] = pair < 0 ? -1 : (G == 2 ? pair / topk : r);
       }
-    }
-    const uint32_t a_st = a_sm + slot * L::kAStage, m_st = m_sm_r + slot * L::kMStage;
-    const uint32_t b_st = smem + L::kBOff + slot * L::kBStage;
+      const T* tok_base = act + c * 8;
+      const int mt0 = w.y * WARPS;
+      const long long stream0 = (static_cast<long long>(expert) * num_mtiles + mt0) * G;  // first (m-tile, group)
+      const uint4* a_src = kvalues + ((stream0 + a_w * G + a_g) * S + a_kk) * 32 + lane;
+      const long long a_step = static_cast<long long>(A_STEP) * G * S * 32;
+      const int a_rows = num_mtiles - mt0 - a_w;  // copies i < a_rows * ... : m-tile mt0 + a_w + A_STEP i exists
+      const uint4* m_src = reinterpret_cast<const uint4*>(kmeta) + ((stream0 + m_w * G + m_g) * S + m_kk) * 4 + (p & 3);
+      const bool m_row = m_ok && mt0 + m_w < num_mtiles;
+      const int2 range = split_blocks(total_blk, w.z, work.splits);
+      for (int blk = range.x; blk < range.y; ++blk) {
+        if (produced >= STAGES) mbar_wait(empty_bar + 8 * slot, empty_parity);
+        const int s0 = blk * KB, ksteps = min(KB, S - s0);
+        const bool a_k = a_kk < ksteps;
 #pragma unroll
-    for (int kk = 0; kk < KB; ++kk)
+        for (int i = 0; i < A_COPIES; ++i)
+          cp_async_16(a_dst + i * A_STEP * L::kAWarp + slot * L::kAStage, a_src + i * a_step + s0 * 32,
+                      a_k && A_STEP * i < a_rows);
+        cp_async_16(m_dst + slot * L::kMStage, m_src + s0 * 4, m_row && m_kk < ksteps);
+        const bool k_ok = blk * KBLK + c * 8 < K;
 #pragma unroll
-      for (int gr = 0; gr < G; ++gr) {
-        a[buf][kk][gr] = lds_128(a_st + (gr * KB + kk) * 512);
-        meta[buf][kk][gr] = lds_32(m_st + (gr * KB + kk) * 64);
-      }
-    const int s0 = (blk_begin + blk) * KB;
-    auto issue_step = [&](int kk) {
-#pragma unroll
-      for (int gr = 0; gr < G; ++gr)
-        wgmma_sp<T, BN>(reinterpret_cast<float(&)[BN / 2]>(acc[0][gr][0][0]), a[buf][kk][gr],
-                        token_desc(b_st, kk, L::kSbo), meta[buf][kk][gr]);
-    };
-    // 1:2:V+2:4: before the first k-step of a chunk (and of this split) every wgmma on the banks must have
-    // retired: commit what this block issued so far, wait, swap, fence again.
-    auto chunk_start = [&](int s) {
-      if constexpr (SAMOYEDS) {
-        if (s == run_begin || (s & ((1 << chunk_shift) - 1)) == 0) {
-          wgmma_commit();
-          wgmma_wait<0>();
-          // w2: the in-place swap keeps ptxas from serialising the wgmmas (w13 would need 255 registers then)
-          pairs.enter_chunk<NT, G == 1>(acc, state, s, chunk_shift, run_end, nullptr, nt_active);
-          wgmma_fence();
+        for (int q = 0; q < COPIES; ++q)
+          cp_async_16(tok_dst + slot * L::kBStage + 2 * q * L::kSbo,
+                      tok_base + static_cast<long long>(max(tok_row[q], 0)) * K + blk * KBLK, k_ok && tok_row[q] >= 0);
+        cp_async_mbar_arrive(full_bar + 8 * slot);
+        ++produced;
+        if (++slot == STAGES) {
+          slot = 0;
+          empty_parity ^= 1;
         }
       }
-    };
-    wgmma_fence();
-    if (s0 + KB <= S) {  // a whole block: one straight run of wgmmas
-#pragma unroll
-      for (int kk = 0; kk < KB; ++kk) {
-        chunk_start(s0 + kk);
-        issue_step(kk);
-      }
-    } else {  // the last block of a K that is not a multiple of 32 * KB
-#pragma unroll
-      for (int kk = 0; kk < KB; ++kk) {
-        if (s0 + kk >= S) break;  // uniform
-        chunk_start(s0 + kk);
-        issue_step(kk);
-      }
     }
-    wgmma_commit();
-    wgmma_wait<1>();
-  };
-  int slot = 0;
-  int blk = 0;
-  for (; blk + 1 < nblk; blk += 2) {
-    run_block(blk, slot, std::integral_constant<int, 0>{});
-    slot = slot + 1 == STAGES ? 0 : slot + 1;
-    run_block(blk + 1, slot, std::integral_constant<int, 1>{});
-    slot = slot + 1 == STAGES ? 0 : slot + 1;
+    cp_async_wait<0>();  // stay until this thread's copies have landed
+    return;
   }
-  if (blk < nblk) run_block(blk, slot, std::integral_constant<int, 0>{});
-  wgmma_wait<0>();
-  cp_async_wait<0>();
-  void* dst = (G == 1) ? static_cast<void*>(static_cast<float*>(out) + static_cast<long long>(blockIdx.z) * num_pairs * out_ld)
-                       : out;
-  if (active)
-    store_epilogue<T, G, G, NT, SAMOYEDS>(acc, state, nt_active, tile * BN, mt, 1, g, t, sorted_pairs, topk_weights,
-                                          dst, out_ld);
+  warpgroup_reg_alloc<Tile::kConsumerRegs>();
+
+  // ----------------------------------------------------------------------------------- consumer warpgroups
+  const int g = lane >> 2, t = lane & 3;
+  const uint32_t a_sm = smem + warp * L::kAWarp + lane * 16;
+  const uint32_t m_sm_r = smem + L::kMOff + warp * L::kMWarp + (2 * g + (t & 1)) * 4;
+  int slot = 0;
+  uint32_t parity = 0;
+  auto release = [&](int s) { mbar_arrive(empty_bar + 8 * s, lane == 0); };
+  uint4 a[2][KB][G];
+  uint32_t meta[2][KB][G];
+  for (int item = blockIdx.x; item < items; item += gridDim.x) {
+    const int3 w = work.at(item, tiles);
+    const int tile = w.x, expert = tile_expert[tile];
+    const int mt = w.y * WARPS + warp;
+    // wgmma is warpgroup-wide: a warp past the last m-tile still runs it (on clamped, valid weights) and skips
+    // only its stores.
+    const bool active = mt < num_mtiles;
+    const int mt_load = active ? mt : num_mtiles - 1;
+    // n-tiles holding tokens (a tile's pairs come first, then padding)
+    int valid = 0;
+#pragma unroll
+    for (int i = 0; i < BN / 32; ++i) valid += __popc(__ballot_sync(0xffffffffu, sorted_pairs[tile * BN + 32 * i + lane] >= 0));
+    const int nt_active = (valid + 7) >> 3;
+    const int2 range = split_blocks(total_blk, w.z, work.splits);
+    const int blk_begin = range.x, nblk = range.y - range.x;
+
+    float acc[BANKS][G][NT][4];
+    float* flat = &acc[0][0][0][0];
+#pragma unroll
+    for (int i = 0; i < BANKS * G * NT * 4; ++i) flat[i] = 0.f;
+    // 1:2:V+2:4 row pairs (select_banks): the bank state and the row selections of the next chunk.
+    bool state[G][2] = {};
+    const int run_begin = blk_begin * KB, run_end = min(range.y * KB, S);
+    const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
+    RowPairPrefetch<G> pairs;
+    if constexpr (SAMOYEDS) {
+      pairs.begin(rowsel, static_cast<long long>(expert) * G * num_mtiles * 16 + mt_load * 16 + g, num_mtiles * 16,
+                  chunks, run_begin, run_end, chunk_shift, nullptr);
+    }
+
+    // A and metadata of a block go to registers before its wgmmas (RS form); two register sets alternate
+    // because the previous block's wgmmas still read theirs.
+    auto run_block = [&](int blk, auto buf_c) {
+      constexpr int buf = decltype(buf_c)::value;
+      mbar_wait(full_bar + 8 * slot, parity);
+      fence_proxy_async_shared();  // the producer's cp.async (generic proxy) writes, visible to the wgmma
+      const uint32_t a_st = a_sm + slot * L::kAStage, m_st = m_sm_r + slot * L::kMStage;
+      const uint32_t b_st = smem + L::kBOff + slot * L::kBStage;
+#pragma unroll
+      for (int kk = 0; kk < KB; ++kk)
+#pragma unroll
+        for (int gr = 0; gr < G; ++gr) {
+          a[buf][kk][gr] = lds_128(a_st + (gr * KB + kk) * 512);
+          meta[buf][kk][gr] = lds_32(m_st + (gr * KB + kk) * 64);
+        }
+      const int s0 = (blk_begin + blk) * KB;
+      auto issue_step = [&](int kk) {
+#pragma unroll
+        for (int gr = 0; gr < G; ++gr)
+          wgmma_sp<T, BN>(reinterpret_cast<float(&)[BN / 2]>(acc[0][gr][0][0]), a[buf][kk][gr],
+                          token_desc(b_st, kk, L::kSbo), meta[buf][kk][gr]);
+      };
+      // 1:2:V+2:4: before the first k-step of a chunk (and of this split) every wgmma on the banks must have
+      // retired: commit what this block issued so far, wait, swap, fence again.
+      auto chunk_start = [&](int s) {
+        if constexpr (SAMOYEDS) {
+          if (s == run_begin || (s & ((1 << chunk_shift) - 1)) == 0) {
+            wgmma_commit();
+            wgmma_wait<0>();
+            // w2: the in-place swap keeps ptxas from serialising the wgmmas (w13 would need 255 registers then)
+            pairs.enter_chunk<NT, G == 1>(acc, state, s, chunk_shift, run_end, nullptr, nt_active);
+            wgmma_fence();
+          }
+        }
+      };
+      wgmma_fence();
+      if (s0 + KB <= S) {  // a whole block: one straight run of wgmmas
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) {
+          chunk_start(s0 + kk);
+          issue_step(kk);
+        }
+      } else {  // the last block of a K that is not a multiple of 32 * KB
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) {
+          if (s0 + kk >= S) break;  // uniform
+          chunk_start(s0 + kk);
+          issue_step(kk);
+        }
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // the block before has retired: release its slot
+      if (blk > 0) release(slot == 0 ? STAGES - 1 : slot - 1);
+      if (++slot == STAGES) {
+        slot = 0;
+        parity ^= 1;
+      }
+    };
+    int blk = 0;
+    for (; blk + 1 < nblk; blk += 2) {
+      run_block(blk, std::integral_constant<int, 0>{});
+      run_block(blk + 1, std::integral_constant<int, 1>{});
+    }
+    if (blk < nblk) run_block(blk, std::integral_constant<int, 0>{});
+    wgmma_wait<0>();
+    if (nblk > 0) release(slot == 0 ? STAGES - 1 : slot - 1);
+    void* dst = (G == 1) ? static_cast<void*>(static_cast<float*>(out) + static_cast<long long>(w.z) * num_pairs * out_ld)
+                         : out;
+    if (active)
+      store_epilogue<T, G, G, NT, SAMOYEDS>(acc, state, nt_active, tile * BN, mt, 1, g, t, sorted_pairs,
+                                            topk_weights, dst, out_ld);
+  }
 #else
   __trap();  // launched only on capability 9.0, where the JIT build targets sm_90a: a build without wgmma fails loudly
 #endif
