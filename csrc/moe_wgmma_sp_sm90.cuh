@@ -191,12 +191,14 @@ __device__ __forceinline__ void warpgroup_reg_alloc() {
 // (64 k: one 128-byte swizzled row per token and slot).
 //   2:4        BN 128, 2 consumer warpgroups, SAMOYEDS_WG_STAGES slots.
 //   1:2:V+2:4  BN 64, SAMOYEDS_WG_SAM = consumer warpgroups x 10 + slots: two accumulator banks of 64 tokens per
-//              group (220 registers in w13).
+//              group (216 registers in w13).
+// H200, prefill shapes (kernel_tuning_*.json): 6 slots 1-5% faster than 5, 4 slots 1-10% slower; one consumer
+// warpgroup with two CTAs per SM (SAMOYEDS_WG_SAM=14) no faster for 1:2:V+2:4.
 #ifndef SAMOYEDS_WG_STAGES
-#define SAMOYEDS_WG_STAGES 5
+#define SAMOYEDS_WG_STAGES 6
 #endif
 #ifndef SAMOYEDS_WG_SAM
-#define SAMOYEDS_WG_SAM 25
+#define SAMOYEDS_WG_SAM 26
 #endif
 #ifndef SAMOYEDS_WG_PRODUCER_REGS
 #define SAMOYEDS_WG_PRODUCER_REGS 64
