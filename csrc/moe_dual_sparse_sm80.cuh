@@ -603,11 +603,14 @@ __host__ __device__ constexpr int kernel_streams() {
   return (G == 1 && NT == 8 && !SAMOYEDS && !DENSE) ? SAMOYEDS_W2_STREAMS : G;
 }
 
-// K split z = blockIdx.z of gridDim.z (w2 only) owns k-blocks [x, y) of total_blk.
-__device__ __forceinline__ int2 k_split_blocks(int total_blk) {
-  return make_int2(static_cast<int>(static_cast<long long>(total_blk) * blockIdx.z / gridDim.z),
-                   static_cast<int>(static_cast<long long>(total_blk) * (blockIdx.z + 1) / gridDim.z));
+// K split z of splits (w2 only) owns k-blocks [x, y) of total_blk.
+template <typename I>
+__device__ __forceinline__ int2 split_blocks(int total_blk, I z, I splits) {
+  return make_int2(static_cast<int>(static_cast<long long>(total_blk) * z / splits),
+                   static_cast<int>(static_cast<long long>(total_blk) * (z + 1) / splits));
 }
+// The pipelined kernels: split blockIdx.z of gridDim.z.
+__device__ __forceinline__ int2 k_split_blocks(int total_blk) { return split_blocks(total_blk, blockIdx.z, gridDim.z); }
 
 // Block-wide (one barrier): rows[i] = the activation row of the tile's i-th pair (x row token for w13, G = 2;
 // intermediate row for w2), nullptr for padding; returns the n-tiles of 8 that hold tokens (a tile's pairs fill

@@ -159,9 +159,10 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 }
 __device__ __forceinline__ void mbar_arrive(uint32_t bar, bool pred = true) {
 #if defined(SAMOYEDS_HAS_WGMMA)
-  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %1, 0;\n @p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(bar),
-               "r"(static_cast<int>(pred))
-               : "memory");
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %1, 0;\n @p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(bar),
+      "r"(static_cast<int>(pred))
+      : "memory");
 #endif
 }
 // One arrival, triggered when every cp.async this thread issued before it has landed (counts as an expected
@@ -248,12 +249,6 @@ struct WgWork {
     return make_int3(item % tiles, (item / tiles) % mgroups, item / (tiles * mgroups));
   }
 };
-
-// K split z of splits owns k-blocks [x, y) of total_blk.
-__device__ __forceinline__ int2 split_blocks(int total_blk, int z, int splits) {
-  return make_int2(static_cast<int>(static_cast<long long>(total_blk) * z / splits),
-                   static_cast<int>(static_cast<long long>(total_blk) * (z + 1) / splits));
-}
 
 // Persistent and warp-specialised. Each CTA walks the work items blockIdx.x, + gridDim.x, ...; one ring runs
 // through all of them, so the producer fills the next item's first slots while the consumers finish the last
@@ -391,7 +386,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     // n-tiles holding tokens (a tile's pairs come first, then padding)
     int valid = 0;
 #pragma unroll
-    for (int i = 0; i < BN / 32; ++i) valid += __popc(__ballot_sync(0xffffffffu, sorted_pairs[tile * BN + 32 * i + lane] >= 0));
+    for (int i = 0; i < BN / 32; ++i)
+      valid += __popc(__ballot_sync(0xffffffffu, sorted_pairs[tile * BN + 32 * i + lane] >= 0));
     const int nt_active = (valid + 7) >> 3;
     const int2 range = split_blocks(total_blk, w.z, work.splits);
     const int blk_begin = range.x, nblk = range.y - range.x;
@@ -476,8 +472,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     if (blk < nblk) run_block(blk, std::integral_constant<int, 0>{});
     wgmma_wait<0>();
     if (nblk > 0) release(slot == 0 ? STAGES - 1 : slot - 1);
-    void* dst = (G == 1) ? static_cast<void*>(static_cast<float*>(out) + static_cast<long long>(w.z) * num_pairs * out_ld)
-                         : out;
+    float* const slot_out = static_cast<float*>(out) + static_cast<long long>(w.z) * num_pairs * out_ld;
+    void* dst = (G == 1) ? static_cast<void*>(slot_out) : out;
     if (active)
       store_epilogue<T, G, G, NT, SAMOYEDS>(acc, state, nt_active, tile * BN, mt, 1, g, t, sorted_pairs,
                                             topk_weights, dst, out_ld);
