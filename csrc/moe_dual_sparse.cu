@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -98,6 +100,17 @@ int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   return (v != nullptr && *v != '\0') ? std::atoi(v) : fallback;
 }
+// Streaming multiprocessors of a device, asked once per device (the launch path runs for every MoE layer call).
+int sm_count(int device) {
+  static std::array<std::atomic<int>, 64> cache{};
+  const bool cached = device >= 0 && device < static_cast<int>(cache.size());
+  int sms = cached ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (sms == 0) {
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (cached) cache[device].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
 int forced_token_tile() {
   static const int v = env_int("SAMOYEDS_TOKEN_TILE", 0);
   return v;
@@ -167,8 +180,7 @@ void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t str
 }
 
 // Hopper path (moe_wgmma_sp_sm90.cuh): a persistent grid of WgTile::kCtasPerSm CTAs per SM (at most one per work
-// item) over the
-// (token tile, WgTile<SAMOYEDS>::kWarps m-tiles, K split) work items.
+// item) over the (token tile, WgTile<SAMOYEDS>::kWarps m-tiles, K split) work items.
 template <typename T, int G, bool SAMOYEDS>
 void launch_wgmma(const GemmArgs& a, int splits, int device, cudaStream_t stream, const char* what) {
   using Tile = WgTile<SAMOYEDS>;
@@ -176,10 +188,9 @@ void launch_wgmma(const GemmArgs& a, int splits, int device, cudaStream_t stream
   constexpr int smem = WgSmem<T, G, SAMOYEDS>::bytes();
   reserve_dynamic_smem<kernel>(smem, what);
   const WgWork work{(a.num_mtiles + Tile::kWarps - 1) / Tile::kWarps, splits};
-  int sms = 0;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const long long items = static_cast<long long>(a.max_tiles) * work.mgroups * work.splits;  // >= the real count
-  const int grid = static_cast<int>(std::min<long long>(items, static_cast<long long>(sms) * Tile::kCtasPerSm));
+  const long long slots = static_cast<long long>(sm_count(device)) * Tile::kCtasPerSm;
+  const int grid = static_cast<int>(std::min(items, slots));
   kernel<<<grid, Tile::kThreads, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
                                                  static_cast<const uint32_t*>(a.meta), a.rowsel, a.sorted_pairs,
                                                  a.tile_expert, a.num_tiles, a.topk_weights, a.out, a.K, a.num_mtiles,
@@ -235,8 +246,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
     const int ctas_per_sm = WGMMA ? 2 * WgTile<SAMOYEDS>::kCtasPerSm : 16;
     const int total_blk = (inter / 32 + kb - 1) / kb;
     const int ctas = max_tiles * ((mt2 + mtiles_per_cta - 1) / mtiles_per_cta);
-    int sms = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device());
+    const int sms = sm_count(x.get_device());
     splits = std::max(1, std::min({8, total_blk * kb / 64, (ctas_per_sm * sms + ctas - 1) / ctas}));
   }
 
