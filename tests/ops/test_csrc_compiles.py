@@ -66,12 +66,13 @@ def test_csrc_compiles_without_spills(tmp_path: Path, arch: str) -> None:
     ]
     if arch != "90a":
         return
-    # C7510-C7518: ptxas serialised wgmma (waits after every instruction); C7519 (an arrive it injects) is benign.
+    # C7510-C7518 and C752x: ptxas serialised wgmma (waits after every instruction; C7520: wgmma after a path it
+    # takes for divergent, e.g. a C++ retry loop around mbarrier.try_wait); C7519 (an arrive it injects) is benign.
     # The 1:2:V+2:4 w13 kernels ("Li2ELb1E") are serialised on purpose: the alternative measured slower (csrc header).
     serialised = [
         line
         for line in proc.stderr.splitlines()
-        if re.search(r"C751[0-8]", line) and not re.search(r"moe_wgmma_sp_kernelI\w+?Li2ELb1E", line)
+        if re.search(r"C75(1[0-8]|2\d)", line) and not re.search(r"moe_wgmma_sp_kernelI\w+?Li2ELb1E", line)
     ]
     assert not serialised, serialised[:3]
     cuobjdump = _cuobjdump()
@@ -88,3 +89,5 @@ def test_csrc_compiles_without_spills(tmp_path: Path, arch: str) -> None:
         n = 64 if "Lb1E" in body.splitlines()[0] else 128
         # (cuobjdump spells the fp16 form without a type suffix)
         assert len(re.findall(rf"HGMMA\.SP\.64x{n}x32\.F32\b", body)) >= 4, body.splitlines()[0]
+        # warp-specialised: the producer warpgroup hands registers to the consumers
+        assert "SETMAXREG.DEALLOC" in body and "SETMAXREG.TRY_ALLOC" in body, body.splitlines()[0]
