@@ -335,7 +335,7 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
       const long long stream0 = (static_cast<long long>(expert) * num_mtiles + mt0) * G;  // first (m-tile, group)
       const uint4* a_src = kvalues + ((stream0 + a_w * G + a_g) * S + a_kk) * 32 + lane;
       const long long a_step = static_cast<long long>(A_STEP) * G * S * 32;
-      const int a_rows = num_mtiles - mt0 - a_w;  // copies i < a_rows * ... : m-tile mt0 + a_w + A_STEP i exists
+      const int a_rows = num_mtiles - mt0 - a_w;  // copy i's m-tile mt0 + a_w + A_STEP i exists iff A_STEP i < a_rows
       const uint4* m_src = reinterpret_cast<const uint4*>(kmeta) + ((stream0 + m_w * G + m_g) * S + m_kk) * 4 + (p & 3);
       const bool m_row = m_ok && mt0 + m_w < num_mtiles;
       const int2 range = split_blocks(total_blk, w.z, work.splits);
