@@ -133,13 +133,14 @@ __device__ __forceinline__ uint64_t token_desc(uint32_t addr, int kk, uint32_t s
   return smem_desc(addr + kk * 64, 16, sbo) | (1ull << 62);
 }
 
-// mbarrier ring (PTX ISA: mbarrier, cp.async.bulk, cp.async.mbarrier.arrive). bar is a shared-window address.
+// mbarrier ring (PTX ISA: mbarrier, cp.async.mbarrier.arrive). bar is a shared-window address.
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
 #if defined(SAMOYEDS_HAS_WGMMA)
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 #endif
 }
-// Make barrier initialisation visible to the async proxy (bulk copies complete transactions on it).
+// Release the barrier initialisation before any arrival on it (the CTA barrier after it publishes it to the
+// other threads).
 __device__ __forceinline__ void mbar_init_fence() {
 #if defined(SAMOYEDS_HAS_WGMMA)
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -157,7 +158,8 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       : "memory");
 #endif
 }
-__device__ __forceinline__ void mbar_arrive(uint32_t bar, bool pred = true) {
+// One arrival by the threads where pred holds (a predicated instruction, not a branch).
+__device__ __forceinline__ void mbar_arrive(uint32_t bar, bool pred) {
 #if defined(SAMOYEDS_HAS_WGMMA)
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %1, 0;\n @p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(bar),
