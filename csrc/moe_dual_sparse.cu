@@ -115,12 +115,6 @@ int forced_token_tile() {
   static const int v = env_int("SAMOYEDS_TOKEN_TILE", 0);
   return v;
 }
-// 1:2:V+2:4 pipelined tiles with the row pairs expanded in registers (EXPAND): 0 never (the wide tile is the
-// 32-token bank tile), 1 (default) the 64-token wide tile, 2 also every 32-token tile.
-int expand_mode() {
-  static const int v = env_int("SAMOYEDS_EXPAND", 1);
-  return v;
-}
 // Pipelined-kernel configuration per pattern, from two H200 sweeps (warps x k-steps per stage x stages; bf16,
 // Mixtral-8x7B and Qwen3-30B-A3B shapes at 8-512 tokens; docs/PERFORMANCE.md):
 //   2:4        8 warps x KB 2 x 4 stages: 8 m-tiles share each token stage (half the token traffic per weight
@@ -139,16 +133,12 @@ int expand_mode() {
 #ifndef SAMOYEDS_PIPE_SAMOYEDS
 #define SAMOYEDS_PIPE_SAMOYEDS 442
 #endif
-#ifndef SAMOYEDS_PIPE_EXPAND  // 1:2:V+2:4 with the row pairs expanded (EXPAND): the 2:4 shape, warps in pairs
-#define SAMOYEDS_PIPE_EXPAND 824
-#endif
 template <int CODE>
 struct PipeShape {
   static constexpr int kWarps = CODE / 100, kBlock = CODE / 10 % 10, kStages = CODE % 10;
 };
-template <bool SAMOYEDS, bool DENSE = false, bool EXPAND = false>
-using PipeConfig =
-    PipeShape<DENSE ? 424 : EXPAND ? SAMOYEDS_PIPE_EXPAND : (SAMOYEDS ? SAMOYEDS_PIPE_SAMOYEDS : SAMOYEDS_PIPE_24)>;
+template <bool SAMOYEDS, bool DENSE = false>
+using PipeConfig = PipeShape<DENSE ? 424 : (SAMOYEDS ? SAMOYEDS_PIPE_SAMOYEDS : SAMOYEDS_PIPE_24)>;
 
 // Lets Kernel use smem bytes of dynamic shared memory (above the 48 KB default): once per kernel, before any
 // CUDA-graph capture.
@@ -159,14 +149,13 @@ void reserve_dynamic_smem(int smem, const char* what) {
               " bytes of shared memory for ", what, ": ", cudaGetErrorString(configured));
 }
 
-template <typename T, int G, int NT, bool SAMOYEDS, bool DENSE, bool EXPAND>
+template <typename T, int G, int NT, bool SAMOYEDS, bool DENSE>
 void launch_pipelined(const GemmArgs& a, int splits, cudaStream_t stream, const char* what) {
-  using C = PipeConfig<SAMOYEDS, DENSE, EXPAND>;
-  constexpr auto kernel =
-      moe_mma_sp_pipelined_kernel<T, G, NT, C::kWarps, C::kBlock, C::kStages, SAMOYEDS, DENSE, EXPAND>;
-  constexpr int smem = pipelined_smem_bytes<T, G, NT, C::kWarps, C::kBlock, C::kStages, SAMOYEDS, DENSE, EXPAND>();
+  using C = PipeConfig<SAMOYEDS, DENSE>;
+  constexpr auto kernel = moe_mma_sp_pipelined_kernel<T, G, NT, C::kWarps, C::kBlock, C::kStages, SAMOYEDS, DENSE>;
+  constexpr int smem = pipelined_smem_bytes<T, G, NT, C::kWarps, C::kBlock, C::kStages, SAMOYEDS, DENSE>();
   reserve_dynamic_smem<kernel>(smem, what);
-  constexpr int mtiles_per_cta = pipelined_mtiles_per_cta<G, NT, C::kWarps, SAMOYEDS, DENSE, EXPAND>();
+  constexpr int mtiles_per_cta = C::kWarps * (kernel_streams<G, NT, SAMOYEDS, DENSE>() / G);  // w2: 2 per warp
   const dim3 grid(a.max_tiles, (a.num_mtiles + mtiles_per_cta - 1) / mtiles_per_cta, splits);
   kernel<<<grid, C::kWarps * 32, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
                                                  static_cast<const uint32_t*>(a.meta), a.rowsel, a.sorted_pairs,
@@ -174,10 +163,10 @@ void launch_pipelined(const GemmArgs& a, int splits, cudaStream_t stream, const 
                                                  a.num_mtiles, a.chunk_shift, a.topk, a.out_ld, a.num_pairs);
 }
 
-template <typename T, int G, int NT, bool SAMOYEDS, bool DENSE, bool EXPAND>
+template <typename T, int G, int NT, bool SAMOYEDS, bool DENSE>
 void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t stream, const char* what) {
-  if (pipelined || EXPAND) {
-    launch_pipelined<T, G, NT, SAMOYEDS, DENSE, EXPAND>(a, splits, stream, what);
+  if (pipelined) {
+    launch_pipelined<T, G, NT, SAMOYEDS, DENSE>(a, splits, stream, what);
   } else {
     if constexpr (NT == 1 && !DENSE) {
       moe_mma_sp_kernel<T, G, 1, kSplitKWarps, kSplitKBlock, SAMOYEDS>
@@ -227,8 +216,7 @@ bool wgmma_wanted(double pairs_per_expert, int device) {
 
 // DENSE: the fusion control (moe_dense_prepacked): dense kernel-layout weights, no metadata (w13_meta and
 // w2_meta are not read), always the pipelined kernel. WGMMA: both GEMMs on the Hopper path (BN = WgTile::kBN).
-// EXPAND: 1:2:V+2:4 on the pipelined kernel with the row pairs expanded in registers (ExpandedPair).
-template <typename T, int NT, bool SAMOYEDS, bool DENSE, bool WGMMA = false, bool EXPAND = false>
+template <typename T, int NT, bool SAMOYEDS, bool DENSE, bool WGMMA = false>
 void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                 const at::Tensor& w13_values, const at::Tensor& w13_meta, const at::Tensor* w13_rowsel,
                 const at::Tensor& w2_values, const at::Tensor& w2_meta, const at::Tensor* w2_rowsel, int chunk,
@@ -250,13 +238,11 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   // w2 K splits (pipelined and wgmma.sp kernels): ~16 CTAs (wgmma.sp: work items) per SM in total (wgmma.sp: ~2
   // per persistent CTA), >= 64 k-steps per split, at most 8.
   static_assert(!WGMMA || (NT * 8 == WgTile<SAMOYEDS>::kBN && !DENSE), "the wgmma path runs WgTile's token tiles");
-  static_assert(!EXPAND || (SAMOYEDS && !DENSE && !WGMMA && NT >= 4), "EXPAND: 1:2:V+2:4 pipelined tiles");
   int splits = 1;
   if (pipelined2) {
-    using C = PipeConfig<SAMOYEDS, DENSE, EXPAND>;
+    using C = PipeConfig<SAMOYEDS, DENSE>;
     const int kb = WGMMA ? kWgKB : C::kBlock;
-    const int mtiles_per_cta = WGMMA ? WgTile<SAMOYEDS>::kWarps
-                                     : pipelined_mtiles_per_cta<1, NT, C::kWarps, SAMOYEDS, DENSE, EXPAND>();
+    const int mtiles_per_cta = WGMMA ? WgTile<SAMOYEDS>::kWarps : C::kWarps * kernel_streams<1, NT, SAMOYEDS, DENSE>();
     const int ctas_per_sm = WGMMA ? 2 * WgTile<SAMOYEDS>::kCtasPerSm : 16;
     const int total_blk = (inter / 32 + kb - 1) / kb;
     const int ctas = max_tiles * ((mt2 + mtiles_per_cta - 1) / mtiles_per_cta);
@@ -295,7 +281,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   if constexpr (WGMMA) {
     launch_wgmma<T, 2, SAMOYEDS>(a13, 1, x.get_device(), stream, "w13 GEMM + SwiGLU (wgmma)");
   } else {
-    launch_gemm<T, 2, NT, SAMOYEDS, DENSE, EXPAND>(a13, pipelined13, 1, stream, "w13 GEMM + SwiGLU");
+    launch_gemm<T, 2, NT, SAMOYEDS, DENSE>(a13, pipelined13, 1, stream, "w13 GEMM + SwiGLU");
   }
   GemmArgs a2{intermediate.data_ptr(), w2_values.data_ptr(), DENSE ? nullptr : w2_meta.data_ptr(),
               w2_rowsel ? w2_rowsel->data_ptr<uint8_t>() : nullptr, sorted_pairs.data_ptr<int32_t>(),
@@ -304,7 +290,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   if constexpr (WGMMA) {
     launch_wgmma<T, 1, SAMOYEDS>(a2, splits, x.get_device(), stream, "w2 GEMM + routing weight (wgmma)");
   } else {
-    launch_gemm<T, 1, NT, SAMOYEDS, DENSE, EXPAND>(a2, pipelined2, splits, stream, "w2 GEMM + routing weight");
+    launch_gemm<T, 1, NT, SAMOYEDS, DENSE>(a2, pipelined2, splits, stream, "w2 GEMM + routing weight");
   }
 
   const long long work = static_cast<long long>(num_tokens) * (hidden / 8);
@@ -328,27 +314,20 @@ void dispatch_tiles(const RoutingInputs& r, const at::Tensor& topk_weights, cons
   // BN = 16 beat 8 by 3-11%; at p = 8 BN = 16 beat 32 by 1-9%; at p = 12 OLMoE lost 10-14% with 16.
   const double sd = std::sqrt(pairs_per_expert);
   const double busiest = pairs_per_expert + 3.0 * sd;
-  auto launch = [&](auto nt, auto expand) {
-    launch_moe<T, decltype(nt)::value, SAMOYEDS, DENSE, false, decltype(expand)::value>(
-        r.x, topk_weights, r.ids, w13_values, w13_meta, w13_rowsel, w2_values, w2_meta, w2_rowsel, chunk, r.map_ptr,
-        out);
-  };
-  const int expand = (SAMOYEDS && !DENSE) ? expand_mode() : 0;
   auto run = [&](auto nt) {
-    if constexpr (SAMOYEDS && !DENSE && decltype(nt)::value >= 4) {
-      if (expand == 2) return launch(nt, std::true_type{});
-    }
-    launch(nt, std::false_type{});
+    launch_moe<T, decltype(nt)::value, SAMOYEDS, DENSE>(r.x, topk_weights, r.ids, w13_values, w13_meta, w13_rowsel,
+                                                 w2_values, w2_meta, w2_rowsel, chunk, r.map_ptr, out);
   };
-  // Wide tiles: 64 tokens. 1:2:V+2:4 runs them with its row pairs expanded in registers (EXPAND), which keeps
-  // 2:4's 64 accumulator registers per warp; its two accumulator banks would need ~250. Without EXPAND
-  // (SAMOYEDS_EXPAND=0) it stays at 32 tokens and lets the busiest experts overflow into a second tile.
+  // Wide tiles: 64 tokens for 2:4. 1:2:V+2:4 stays at 32 and lets the busiest experts overflow into a second
+  // tile: its two accumulator banks make 64-token tiles need ~250 registers, and the alternatives measured
+  // slower at 128 tokens on Mixtral (H200): 48-token tiles (168 registers, three CTAs per SM) by 6%, two warps
+  // per m-tile splitting a 64-token tile by 26%, the gate and the up rows of an m-tile on two warps (64-token
+  // tiles, cac1df2) by 29%.
   auto run_wide = [&] {
-    if constexpr (SAMOYEDS && !DENSE) {
-      if (expand == 0) return launch(std::integral_constant<int, 4>{}, std::false_type{});
-      launch(std::integral_constant<int, 8>{}, std::true_type{});
+    if constexpr (SAMOYEDS) {
+      run(std::integral_constant<int, 4>{});
     } else {
-      launch(std::integral_constant<int, 8>{}, std::false_type{});
+      run(std::integral_constant<int, 8>{});
     }
   };
   const int forced = forced_token_tile();

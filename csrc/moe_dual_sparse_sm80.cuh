@@ -274,15 +274,15 @@ __device__ __forceinline__ void select_banks(float (&acc)[2][G][NT][4], bool (&s
   }
 }
 
-// The row selections of a warp's NS streams (rows g and g + 8 of each; HALVES = 1: row g only) for the pipelined
-// and wgmma.sp kernels, loaded one chunk ahead so their latency hides behind a chunk of MMAs. Stream gr's byte of
-// row half h and chunk c is base[c + gr * stream_stride + h * half_stride]; a stream with ok[gr] false reads as 0
-// (ok = nullptr: every stream is read).
-template <int NS, int HALVES = 2>
+// The row selections of a warp's NS streams (rows g and g + 8 of each) for the pipelined and wgmma.sp kernels,
+// loaded one chunk ahead so their latency hides behind a chunk of MMAs. Stream gr's byte of row half h and
+// chunk c is base[c + gr * stream_stride + h * half_stride]; a stream with ok[gr] false reads as 0 (ok = nullptr:
+// every stream is read).
+template <int NS>
 struct RowPairPrefetch {
   const uint8_t* base = nullptr;
   int stream_stride = 0, half_stride = 0;
-  uint8_t next[NS][HALVES] = {};
+  uint8_t next[NS][2] = {};
   // Rows g and g + 8 from rowsel row first_row on (stream gr: stream_rows rows further per stream), chunks per
   // row; loads the first chunk of the caller's run of k-steps [run_begin, run_end).
   __device__ __forceinline__ void begin(const uint8_t* rowsel, long long first_row, int stream_rows, int chunks,
@@ -297,13 +297,8 @@ struct RowPairPrefetch {
 #pragma unroll
     for (int gr = 0; gr < NS; ++gr)
 #pragma unroll
-      for (int h = 0; h < HALVES; ++h)
+      for (int h = 0; h < 2; ++h)
         next[gr][h] = (ok == nullptr || ok[gr]) ? __ldg(p + (gr * stream_stride + h * half_stride)) : 0;
-  }
-  // After the caller took next[][] at k-step s (a chunk start or its run's first k-step): prefetch the next chunk.
-  __device__ __forceinline__ void advance(int s, int chunk_shift, int run_end, const bool* ok) {
-    const int chunk = (s >> chunk_shift) + 1;
-    if ((chunk << chunk_shift) < run_end) load(chunk, ok);
   }
   // At k-step s, the first of a chunk (or of the caller's run of k-steps, ending at run_end): swap the banks to
   // the chunk's selection and prefetch the next chunk's. The accumulators must be settled (wgmma: waited for).
@@ -316,7 +311,8 @@ struct RowPairPrefetch {
 #pragma unroll
       for (int h = 0; h < 2; ++h) want[gr][h] = next[gr][h] != 0;
     select_banks<NS, NT, IN_PLACE>(acc, state, want, nt_active);
-    advance(s, chunk_shift, run_end, ok);
+    const int chunk = (s >> chunk_shift) + 1;
+    if ((chunk << chunk_shift) < run_end) load(chunk, ok);
   }
 };
 
@@ -525,68 +521,6 @@ moe_mma_sp_kernel(const T* __restrict__ act,            // G=2: x [T, K]; G=1: i
                                         out_ld);
 }
 
-// 1:2:V+2:4 row pairs expanded in registers (EXPAND, pipelined kernel). Two warps share a stored m-tile: warp half h
-// takes its stored rows 8h..8h+7 (pairs P = 16 mt + 8h + g) and builds from each k-step's stored A fragment a
-// fragment of 16 *output* rows, row g = even row 2P and row g + 8 = odd row 2P + 1; the row of the pair that the
-// chunk does not keep gets zero values and valid dummy metadata (positions 0, 1 of every group). The accumulators
-// are then output rows as for 2:4: no banks, no swaps, and a 64-token tile costs 64 accumulator registers per warp
-// like 2:4's, for twice the MMAs per stored byte (decode has tensor-core time to spare, not registers).
-struct ExpandedPair {
-  uint32_t keep_odd = 0;         // all ones where the chunk keeps the odd row of the pair
-  uint32_t meta_sel = 0x5410u;   // byte_perm selector: the stored metadata to the even (low) or odd (high) half
-  __device__ __forceinline__ void set(bool odd) {
-    keep_odd = 0u - static_cast<uint32_t>(odd);
-    meta_sel = odd ? 0x1054u : 0x5410u;
-  }
-  // lo, hi: this lane's stored values of its pair (cols 2t, 2t+1 and 2t+8, 2t+9); m16: the pair's metadata bits
-  // of this lane's half of the k-step (selector 0 layout, see the operand description at the top).
-  __device__ __forceinline__ void expand(uint4& a, uint32_t& meta, uint32_t lo, uint32_t hi, uint32_t m16) const {
-    a.x = lo & ~keep_odd;  // row g (even): cols 2t, 2t+1
-    a.y = lo & keep_odd;   // row g + 8 (odd)
-    a.z = hi & ~keep_odd;  // row g: cols 2t+8, 2t+9
-    a.w = hi & keep_odd;
-    meta = __byte_perm(m16, 0x44444444u, meta_sel);
-  }
-};
-
-// Epilogue of an EXPAND warp: accumulator rows g / g + 8 are the even / odd output rows of pair
-// P = 16 * (mt + stream) + 8 * half + g, adjacent features, stored together (two T for w13, a float2 for w2).
-template <typename T, int G, int NS, int NT>
-__device__ __forceinline__ void store_epilogue_expanded(const float (&acc)[1][NS][NT][4], int nt_active, int col0,
-                                                        int mt, int half, int streams, int g, int t,
-                                                        const int32_t* __restrict__ sorted_pairs,
-                                                        const float* __restrict__ topk_weights, void* __restrict__ out,
-                                                        int out_ld) {
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    if (nt >= nt_active) break;
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {  // token columns 2t, 2t + 1: registers c (even row) and c + 2 (odd row)
-      const int col = col0 + nt * 8 + 2 * t + c;
-      if constexpr (G == 2) {
-        const int pair_row = mt * 16 + 8 * half + g;
-        uint32_t packed;
-        T* two = reinterpret_cast<T*>(&packed);
-        two[0] = MmaTraits<T>::from_float(silu(acc[0][0][nt][c]) * acc[0][1][nt][c]);
-        two[1] = MmaTraits<T>::from_float(silu(acc[0][0][nt][c + 2]) * acc[0][1][nt][c + 2]);
-        *reinterpret_cast<uint32_t*>(static_cast<T*>(out) + static_cast<long long>(col) * out_ld + 2 * pair_row) =
-            packed;
-      } else {
-        const int pair = sorted_pairs[col];
-        if (pair < 0) continue;
-        const float w = topk_weights[pair];
-        float* dst = static_cast<float*>(out) + static_cast<long long>(pair) * out_ld;
-#pragma unroll
-        for (int sm = 0; sm < NS; ++sm) {
-          if (sm >= streams) break;
-          const int pair_row = (mt + sm) * 16 + 8 * half + g;
-          *reinterpret_cast<float2*>(dst + 2 * pair_row) = make_float2(acc[0][sm][nt][c] * w, acc[0][sm][nt][c + 2] * w);
-        }
-      }
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // 2./3. (wider token tiles) Pipelined M-split variant: used when an expert receives more than ~8 pairs.
 //
@@ -615,11 +549,6 @@ __device__ __forceinline__ uint4 lds_128(uint32_t addr) {
 __device__ __forceinline__ uint32_t lds_32(uint32_t addr) {
   uint32_t v;
   asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
-  return v;
-}
-__device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
-  uint16_t v;
-  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
   return v;
 }
 // 16-byte global -> shared copy, issued only where pred (a predicated instruction, not a branch).
@@ -669,20 +598,9 @@ struct PipeSmem {
 #ifndef SAMOYEDS_W2_STREAMS  // build-time override for A/B runs (1 = one m-tile per warp in every w2)
 #define SAMOYEDS_W2_STREAMS 2
 #endif
-// With EXPAND (1:2:V+2:4 row pairs expanded in registers, below) a warp pair shares two streams in every GEMM.
-template <int G, int NT, bool SAMOYEDS, bool DENSE, bool EXPAND = false>
+template <int G, int NT, bool SAMOYEDS, bool DENSE>
 __host__ __device__ constexpr int kernel_streams() {
-  return EXPAND ? 2 : (G == 1 && NT == 8 && !SAMOYEDS && !DENSE) ? SAMOYEDS_W2_STREAMS : G;
-}
-// Warps that share one A region (one stored m-tile's streams) of the pipelined kernel: two with EXPAND.
-template <bool EXPAND>
-__host__ __device__ constexpr int warps_per_a_region() {
-  return EXPAND ? 2 : 1;
-}
-// Stored m-tiles one CTA of the pipelined kernel covers.
-template <int G, int NT, int WARPS, bool SAMOYEDS, bool DENSE, bool EXPAND = false>
-__host__ __device__ constexpr int pipelined_mtiles_per_cta() {
-  return WARPS / warps_per_a_region<EXPAND>() * (kernel_streams<G, NT, SAMOYEDS, DENSE, EXPAND>() / G);
+  return (G == 1 && NT == 8 && !SAMOYEDS && !DENSE) ? SAMOYEDS_W2_STREAMS : G;
 }
 
 // K split z of splits (w2 only) owns k-blocks [x, y) of total_blk.
@@ -712,38 +630,30 @@ __device__ __forceinline__ int gather_tile_rows(const T* act, const int32_t* __r
 }
 
 // Bytes of dynamic shared memory moe_mma_sp_pipelined_kernel needs.
-template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS, bool DENSE = false,
-          bool EXPAND = false>
+template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS, bool DENSE = false>
 constexpr int pipelined_smem_bytes() {
-  constexpr int NS = kernel_streams<G, NT, SAMOYEDS, DENSE, EXPAND>();
-  constexpr int AREG = WARPS / warps_per_a_region<EXPAND>();
-  return static_cast<int>(PipeSmem<T, NS, NT, AREG, KB, DENSE>::template bytes<STAGES>());
+  constexpr int NS = kernel_streams<G, NT, SAMOYEDS, DENSE>();
+  return static_cast<int>(PipeSmem<T, NS, NT, WARPS, KB, DENSE>::template bytes<STAGES>());
 }
 
 // Below sm_90 ptxas capped the 2:4 w2 kernel (8 warps, 64-token tile) at 64 registers with an 8-byte spill unless
-// told that one CTA per SM is acceptable; the sm_90a build (the one measured) keeps ptxas's own choice (0: no
-// hint). EXPAND kernels ask for two CTAs per SM everywhere: their w2 took 144 registers otherwise (one CTA of 8
-// warps per SM), 128 with the hint and no spills.
+// told that one CTA per SM is acceptable; the sm_90a build (the one measured) keeps ptxas's own choice.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define SAMOYEDS_PIPELINED_MIN_BLOCKS(EXPAND) (EXPAND ? 2 : 1)
+#define SAMOYEDS_PIPELINED_MIN_BLOCKS , 1
 #else
-#define SAMOYEDS_PIPELINED_MIN_BLOCKS(EXPAND) (EXPAND ? 2 : 0)
+#define SAMOYEDS_PIPELINED_MIN_BLOCKS
 #endif
-template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS, bool DENSE = false,
-          bool EXPAND = false>
-__global__ void __launch_bounds__(WARPS * 32, SAMOYEDS_PIPELINED_MIN_BLOCKS(EXPAND))
+template <typename T, int G, int NT, int WARPS, int KB, int STAGES, bool SAMOYEDS, bool DENSE = false>
+__global__ void __launch_bounds__(WARPS * 32 SAMOYEDS_PIPELINED_MIN_BLOCKS)
 moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues,
                             const uint32_t* __restrict__ kmeta, const uint8_t* __restrict__ rowsel,
                             const int32_t* __restrict__ sorted_pairs, const int32_t* __restrict__ tile_expert,
                             const int32_t* __restrict__ num_tiles, const float* __restrict__ topk_weights,
                             void* __restrict__ out, int K, int num_mtiles, int chunk_shift, int topk, int out_ld,
                             int num_pairs) {  // G=1: slot_out is [gridDim.z, num_pairs, out_ld]
-  static_assert(!EXPAND || (SAMOYEDS && !DENSE && WARPS % 2 == 0), "EXPAND: 1:2:V+2:4, warps in pairs");
-  constexpr int NS = kernel_streams<G, NT, SAMOYEDS, DENSE, EXPAND>();  // A streams per warp (see kernel_streams)
+  constexpr int NS = kernel_streams<G, NT, SAMOYEDS, DENSE>();  // A streams per warp (see kernel_streams)
   constexpr int MPW = NS / G;                      // m-tiles per warp
-  constexpr int AREG = WARPS / warps_per_a_region<EXPAND>();  // A regions (stored m-tile slots) per CTA
-  constexpr int BANKS = (SAMOYEDS && !EXPAND) ? 2 : 1;         // accumulator banks (select_banks)
-  using L = PipeSmem<T, NS, NT, AREG, KB, DENSE>;
+  using L = PipeSmem<T, NS, NT, WARPS, KB, DENSE>;
   constexpr int BN = NT * 8;
   static_assert(WARPS * 32 >= BN && KB >= 1 && STAGES >= 2, "pipeline shape: the token-row table needs a thread "
                 "per row, a stage at least one k-step, the ring two stages");
@@ -763,9 +673,7 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   const int expert = tile_expert[tile];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int owner = EXPAND ? warp >> 1 : warp;  // the warp's A region
-  const int half = EXPAND ? warp & 1 : 0;       // EXPAND: the stored rows 8 * half.. of each m-tile it expands
-  const int mt = (blockIdx.y * AREG + owner) * MPW;  // the warp's (first) m-tile
+  const int mt = (blockIdx.y * WARPS + warp) * MPW;  // the warp's (first) m-tile
   const bool active = mt < num_mtiles;
   // w2 with two m-tiles per warp: the last warp may own one only (never for today's shapes: H / 16 is even);
   // otherwise every stream is the warp's own
@@ -781,11 +689,9 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
 
   // Ring addresses of this thread (stage 0; stage st adds st * stage bytes):
   const uint32_t smem = smem_addr(smem_raw);
-  const uint32_t a_sm = smem + owner * L::kAWarp + lane * 16;  // the region's A vectors (copied)
-  const uint32_t a_rd = a_sm + (EXPAND ? 4 * half : 0);  // read: all 16 B; EXPAND: a0/a1 (+8: a2/a3) of its rows
-  const uint32_t m_sm_w = smem + M_OFF + owner * L::kMWarp + (lane & 3) * 16;  // lanes 0..3 copy 16 B each
-  // entry 2g + (t & 1); EXPAND: only the 16 bits of its rows (g + 8 * half)
-  const uint32_t m_sm_r = smem + M_OFF + owner * L::kMWarp + (2 * g + (t & 1)) * 4 + (EXPAND ? 2 * half : 0);
+  const uint32_t a_sm = smem + warp * L::kAWarp + lane * 16;  // the warp's A vectors (copied and read)
+  const uint32_t m_sm_w = smem + M_OFF + warp * L::kMWarp + (lane & 3) * 16;  // lanes 0..3 copy 16 B each
+  const uint32_t m_sm_r = smem + M_OFF + warp * L::kMWarp + (2 * g + (t & 1)) * 4;  // entry 2g + (t & 1)
   // ldmatrix.x4 source of this lane: matrix i = lane / 8 (k offset 8i), row lane % 8 (token) of an n-tile.
   const uint32_t b_sm_r = smem + B_OFF + (lane & 7) * L::kRow + 8 * (lane >> 3) * sizeof(T);
 
@@ -806,11 +712,10 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   const long long tile_base = (static_cast<long long>(expert) * num_mtiles + (active ? mt : 0)) * G;
   const uint4* a_grp[NS];
   const uint4* m_grp[NS];  // metadata as 16-byte vectors: 4 per (stream, k-step)
-  bool stream_ok[NS], copy_ok[NS];  // EXPAND: the two warps of a region copy one stream each
+  bool stream_ok[NS];
 #pragma unroll
   for (int gr = 0; gr < NS; ++gr) {
     stream_ok[gr] = gr < streams;
-    copy_ok[gr] = stream_ok[gr] && (!EXPAND || gr == half);
     const long long idx = tile_base + (stream_ok[gr] ? gr : 0);  // a missing stream is never loaded
     a_grp[gr] = kvalues + (idx * S * 32 + lane) * AV;
     m_grp[gr] = reinterpret_cast<const uint4*>(kmeta + idx * S * 16) + (lane & 3);
@@ -833,29 +738,28 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
 #pragma unroll
           for (int v = 0; v < AV; ++v)
             cp_async_16(a_sm + st * L::kAStage + ((kk * NS + gr) * AV + v) * 512, a_grp[gr] + (s0 + kk) * 32 * AV + v,
-                        in_k && copy_ok[gr]);
+                        in_k && stream_ok[gr]);
           if constexpr (!DENSE)
             cp_async_16(m_sm_w + st * L::kMStage + (kk * NS + gr) * 64, m_grp[gr] + (s0 + kk) * 4,
-                        in_k && meta_lane && copy_ok[gr]);
+                        in_k && meta_lane && stream_ok[gr]);
         }
       }
     }
     cp_async_commit();
   };
 
-  float acc[BANKS][NS][NT][4];
+  float acc[SAMOYEDS ? 2 : 1][NS][NT][4];
   float* flat = &acc[0][0][0][0];
 #pragma unroll
-  for (int i = 0; i < BANKS * NS * NT * 4; ++i) flat[i] = 0.f;
-  bool state[NS][2] = {};  // 1:2:V+2:4 banks: output row parity bank 0 holds (see select_banks)
-  ExpandedPair rowpair[NS];  // EXPAND: the row of each stream's pair the current chunk keeps
+  for (int i = 0; i < (SAMOYEDS ? 2 : 1) * NS * NT * 4; ++i) flat[i] = 0.f;
+  bool state[NS][2] = {};  // 1:2:V+2:4: output row parity bank 0 holds (see select_banks)
   const int run_begin = blk_begin * KB;  // this split's k-steps are [run_begin, run_end)
   const int run_end = min(blk_end * KB, S);
   const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
   // Row selections (1:2:V+2:4); the next stream is the next group (G = 2) or the next m-tile (G = 1).
-  RowPairPrefetch<NS, EXPAND ? 1 : 2> pairs;  // EXPAND: row g + 8 * half only
+  RowPairPrefetch<NS> pairs;
   if constexpr (SAMOYEDS) {
-    pairs.begin(rowsel, static_cast<long long>(expert) * G * num_mtiles * 16 + (active ? mt : 0) * 16 + 8 * half + g,
+    pairs.begin(rowsel, static_cast<long long>(expert) * G * num_mtiles * 16 + (active ? mt : 0) * 16 + g,
                 G == 2 ? num_mtiles * 16 : 16, chunks, run_begin, run_end, chunk_shift, stream_ok);
   }
 
@@ -878,7 +782,7 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
     }
     st_load = st_load + 1 == STAGES ? 0 : st_load + 1;
     if (active) {
-      const uint32_t a_st = a_rd + st * L::kAStage, m_st = m_sm_r + st * L::kMStage;
+      const uint32_t a_st = a_sm + st * L::kAStage, m_st = m_sm_r + st * L::kMStage;
       const uint32_t b_st = b_sm_r + st * L::kBStage;
       const int s0 = (blk_begin + blk) * KB;
 #pragma unroll
@@ -886,28 +790,17 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
         const int s = s0 + kk;
         if (s >= S) break;
         if constexpr (SAMOYEDS) {
-          if (s == run_begin || (s & ((1 << chunk_shift) - 1)) == 0) {
-            if constexpr (EXPAND) {
-#pragma unroll
-              for (int gr = 0; gr < NS; ++gr) rowpair[gr].set(pairs.next[gr][0] != 0);
-              pairs.advance(s, chunk_shift, run_end, stream_ok);
-            } else {
-              pairs.enter_chunk<NT>(acc, state, s, chunk_shift, run_end, stream_ok, nt_active);
-            }
-          }
+          if (s == run_begin || (s & ((1 << chunk_shift) - 1)) == 0)
+            pairs.enter_chunk<NT>(acc, state, s, chunk_shift, run_end, stream_ok, nt_active);
         }
         uint4 a[NS], a_hi[NS];
         uint32_t meta[NS];
 #pragma unroll
         for (int gr = 0; gr < NS; ++gr) {
-          if constexpr (EXPAND) {
-            const uint32_t at = a_st + (kk * NS + gr) * 512;
-            rowpair[gr].expand(a[gr], meta[gr], lds_32(at), lds_32(at + 8), lds_u16(m_st + (kk * NS + gr) * 64));
-          } else if constexpr (DENSE) {
-            a[gr] = lds_128(a_st + (kk * NS + gr) * AV * 512);
+          a[gr] = lds_128(a_st + (kk * NS + gr) * AV * 512);
+          if constexpr (DENSE) {
             a_hi[gr] = lds_128(a_st + ((kk * NS + gr) * AV + 1) * 512);
           } else {
-            a[gr] = lds_128(a_st + (kk * NS + gr) * AV * 512);
             meta[gr] = lds_32(m_st + (kk * NS + gr) * 64);
           }
         }
@@ -934,15 +827,9 @@ moe_mma_sp_pipelined_kernel(const T* __restrict__ act, const uint4* __restrict__
   cp_async_wait<0>();
   void* dst = (G == 1) ? static_cast<void*>(static_cast<float*>(out) + static_cast<long long>(blockIdx.z) * num_pairs * out_ld)
                        : out;
-  if (active) {
-    if constexpr (EXPAND) {
-      store_epilogue_expanded<T, G, NS, NT>(acc, nt_active, tile * BN, mt, half, streams, g, t, sorted_pairs,
-                                            topk_weights, dst, out_ld);
-    } else {
-      store_epilogue<T, G, NS, NT, SAMOYEDS>(acc, state, nt_active, tile * BN, mt, streams, g, t, sorted_pairs,
-                                             topk_weights, dst, out_ld);
-    }
-  }
+  if (active)
+    store_epilogue<T, G, NS, NT, SAMOYEDS>(acc, state, nt_active, tile * BN, mt, streams, g, t, sorted_pairs,
+                                           topk_weights, dst, out_ld);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -9,10 +9,7 @@ __all__ = ["build_dir", "cuda_kernels_disabled", "extra_nvcc_flags", "verbose_bu
 
 # Read by the CUDA launcher itself (csrc/moe_dual_sparse.cu), once per process, for tuning runs:
 #   SAMOYEDS_TOKEN_TILE=8|16|32|64  force the token tile BN instead of the tokens-per-expert rule
-#                                   (a forced tile also turns the wgmma path off)
-#   SAMOYEDS_EXPAND=0|1|2           1:2:V+2:4 pipelined tiles with the row pairs expanded in registers: 1 (default)
-#                                   for the 64-token tile, 0 never (the widest 1:2:V+2:4 tile is then 32 tokens),
-#                                   2 also for 32-token tiles
+#                                   (1:2:V+2:4 caps it at 32; a forced tile also turns the wgmma path off)
 #   SAMOYEDS_WGMMA=0|1|2            Hopper wgmma.sp kernels (capability 9.0, 2:4 and 1:2:V+2:4): 1 (default) when
 #                                   an expert gets >= 64 tokens on average (prefill), 0 never, 2 for every call (tests)
 

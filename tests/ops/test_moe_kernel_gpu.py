@@ -228,21 +228,11 @@ def test_dense_control_matches_reference(dtype, n_tokens, n_exp, topk, hidden, i
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-# Every check of this file again, in a fresh process, with the launcher forced onto one family of kernels.
-FORCED_PASSES = {
-    "wgmma": {"SAMOYEDS_WGMMA": "2"},  # every sparse call on the Hopper wgmma.sp kernels
-    "tile64": {"SAMOYEDS_TOKEN_TILE": "64"},  # 64-token tiles: 2:4's wide kernels, 1:2:V+2:4 row pairs expanded
-    "tile32_expand": {"SAMOYEDS_TOKEN_TILE": "32", "SAMOYEDS_EXPAND": "2"},  # 32-token tiles, row pairs expanded
-}
-FORCED = os.environ.get("SAMOYEDS_TEST_FORCED_PASS")
-
-
-@pytest.mark.skipif(FORCED is not None, reason="runs the forced passes itself")
-@pytest.mark.parametrize("name", sorted(FORCED_PASSES))
-def test_forced_pass_passes_every_check(name):
-    if name == "wgmma" and not HOPPER:
-        pytest.skip("the wgmma.sp path is Hopper (sm_90a) only")
-    env = {**os.environ, **FORCED_PASSES[name], "SAMOYEDS_TEST_FORCED_PASS": name}
+@pytest.mark.skipif(not HOPPER, reason="the wgmma.sp path is Hopper (sm_90a) only")
+@pytest.mark.skipif(os.environ.get("SAMOYEDS_WGMMA") is not None, reason="runs the forced pass itself")
+def test_hopper_wgmma_path_passes_every_check():
+    """All checks of this file again in a fresh process with every sparse call on the wgmma.sp path."""
+    env = {**os.environ, "SAMOYEDS_WGMMA": "2"}
     proc = subprocess.run(
         [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
         env=env,
@@ -253,8 +243,10 @@ def test_forced_pass_passes_every_check(name):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
-def _kernel_names(pattern):
-    """Names of the CUDA kernels one MoE call runs (40 tokens, 4 experts, top-2)."""
+@pytest.mark.skipif(not HOPPER or os.environ.get("SAMOYEDS_WGMMA") != "2", reason="forced wgmma.sp pass only")
+@pytest.mark.parametrize("pattern", ["2:4", "1:2:32+2:4"])
+def test_wgmma_kernels_ran(pattern):
+    """The forced pass really ran the wgmma.sp kernels (the kernel names in a profile of one call)."""
     gen = torch.Generator(device="cuda").manual_seed(3)
     w13 = _experts(4, 2 * 416, 352, pattern, torch.bfloat16, gen)
     w2 = _experts(4, 352, 416, pattern, torch.bfloat16, gen)
@@ -264,24 +256,5 @@ def _kernel_names(pattern):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         ops.moe_forward(x, weights, ids, prepared)
         torch.cuda.synchronize()
-    return {e.key for e in prof.key_averages()}
-
-
-@pytest.mark.skipif(not HOPPER or FORCED != "wgmma", reason="forced wgmma.sp pass only")
-@pytest.mark.parametrize("pattern", ["2:4", "1:2:32+2:4"])
-def test_wgmma_kernels_ran(pattern):
-    """The forced pass really ran the wgmma.sp kernels (the kernel names in a profile of one call)."""
-    names = _kernel_names(pattern)
+    names = {e.key for e in prof.key_averages()}
     assert any("moe_wgmma_sp_kernel" in n for n in names), sorted(names)
-
-
-@pytest.mark.skipif(FORCED not in ("tile64", "tile32_expand"), reason="forced row-pair expansion passes only")
-def test_expanded_row_pair_kernels_ran():
-    """The forced passes really ran the pipelined kernels with EXPAND (its last template argument) for 1:2:V+2:4
-    and the 64- or 32-token 2:4 kernels for 2:4."""
-    nt = 8 if FORCED == "tile64" else 4
-    for pattern, flags in (("1:2:64+2:4", "true, false, true"), ("2:4", "false, false, false")):
-        names = _kernel_names(pattern)
-        for groups in (1, 2):  # w2, w13 (8 warps x 2 k-steps per stage x 4 stages)
-            want = f"moe_mma_sp_pipelined_kernel<__nv_bfloat16, {groups}, {nt}, 8, 2, 4, {flags}>"
-            assert any(want in n for n in names), (want, sorted(names))
