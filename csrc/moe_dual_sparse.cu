@@ -181,13 +181,13 @@ void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t str
 
 // Hopper path (moe_wgmma_sp_sm90.cuh): a persistent grid of WgTile::kCtasPerSm CTAs per SM (at most one per work
 // item) over the (token tile, WgTile<SAMOYEDS>::kWarps m-tiles, K split) work items.
-template <typename T, int G, bool SAMOYEDS>
+template <typename T, int G, bool SAMOYEDS, bool EXPAND>
 void launch_wgmma(const GemmArgs& a, int splits, int device, cudaStream_t stream, const char* what) {
-  using Tile = WgTile<SAMOYEDS>;
-  constexpr auto kernel = moe_wgmma_sp_kernel<T, G, SAMOYEDS>;
-  constexpr int smem = WgSmem<T, G, SAMOYEDS>::bytes();
+  using Tile = WgTile<SAMOYEDS, EXPAND>;
+  constexpr auto kernel = moe_wgmma_sp_kernel<T, G, SAMOYEDS, EXPAND>;
+  constexpr int smem = WgSmem<T, G, SAMOYEDS, EXPAND>::bytes();
   reserve_dynamic_smem<kernel>(smem, what);
-  const WgWork work{(a.num_mtiles + Tile::kWarps - 1) / Tile::kWarps, splits};
+  const WgWork work{(a.num_mtiles + Tile::kAWarps - 1) / Tile::kAWarps, splits};
   const long long items = static_cast<long long>(a.max_tiles) * work.mgroups * work.splits;  // >= the real count
   const long long slots = static_cast<long long>(sm_count(device)) * Tile::kCtasPerSm;
   const int grid = static_cast<int>(std::min(items, slots));
@@ -204,19 +204,28 @@ void launch_wgmma(const GemmArgs& a, int splits, int device, cudaStream_t stream
 // 1.11-1.33x at 64 and 1.1-1.7x beyond; 1:2:V+2:4 in kernel_tuning_*.json: mma.sp wins at 16-32 pairs per expert
 // on Mixtral-8x7B and OLMoE shapes by 5-29% (Qwen3-30B-A3B at 32: wgmma.sp by 5%), wgmma.sp from 64 on by
 // 8-35%). SAMOYEDS_WGMMA (samoyeds_vllm/envs.py): 1 (default) by that rule, 0 never, 2 for every call (tests).
-constexpr double kWgmmaMinPairs = 64.0;
-bool wgmma_wanted(double pairs_per_expert, int device) {
-  static const int mode = env_int("SAMOYEDS_WGMMA", 1);
-  if (mode == 0 || (mode == 1 && pairs_per_expert < kWgmmaMinPairs)) return false;
+// 1:2:V+2:4 also runs the wgmma.sp kernels with its row pairs expanded in registers (EXPAND) for decode-size calls,
+// kWgExpandMinPairs <= pairs per expert < kWgmmaMinPairs. SAMOYEDS_WG_EXPAND (samoyeds_vllm/envs.py): 1 (default)
+// by that rule, 0 never, 2 for every 1:2:V+2:4 call on the wgmma path (tests).
+constexpr double kWgmmaMinPairs = 64.0, kWgExpandMinPairs = 12.0;
+enum class WgPath { kNone, kBanks, kExpand };
+WgPath wgmma_path(double pairs_per_expert, bool samoyeds, int device) {
+  static const int mode = env_int("SAMOYEDS_WGMMA", 1), expand = env_int("SAMOYEDS_WG_EXPAND", 1);
+  if (mode == 0) return WgPath::kNone;
   int major = 0, minor = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  return major == 9 && minor == 0;
+  if (major != 9 || minor != 0) return WgPath::kNone;
+  const bool prefill = pairs_per_expert >= kWgmmaMinPairs;
+  if (samoyeds && (expand == 2 || (expand == 1 && !prefill && pairs_per_expert >= kWgExpandMinPairs)))
+    return WgPath::kExpand;
+  return (mode == 2 || prefill) ? WgPath::kBanks : WgPath::kNone;
 }
 
 // DENSE: the fusion control (moe_dense_prepacked): dense kernel-layout weights, no metadata (w13_meta and
-// w2_meta are not read), always the pipelined kernel. WGMMA: both GEMMs on the Hopper path (BN = WgTile::kBN).
-template <typename T, int NT, bool SAMOYEDS, bool DENSE, bool WGMMA = false>
+// w2_meta are not read), always the pipelined kernel. WGMMA: both GEMMs on the Hopper path (BN = WgTile::kBN), with
+// the 1:2:V+2:4 row pairs expanded in registers if EXPAND.
+template <typename T, int NT, bool SAMOYEDS, bool DENSE, bool WGMMA = false, bool EXPAND = false>
 void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                 const at::Tensor& w13_values, const at::Tensor& w13_meta, const at::Tensor* w13_rowsel,
                 const at::Tensor& w2_values, const at::Tensor& w2_meta, const at::Tensor* w2_rowsel, int chunk,
@@ -237,13 +246,15 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   const bool pipelined2 = DENSE || NT > 1 || inter / 32 < kSplitKMinSteps;
   // w2 K splits (pipelined and wgmma.sp kernels): ~16 CTAs (wgmma.sp: work items) per SM in total (wgmma.sp: ~2
   // per persistent CTA), >= 64 k-steps per split, at most 8.
-  static_assert(!WGMMA || (NT * 8 == WgTile<SAMOYEDS>::kBN && !DENSE), "the wgmma path runs WgTile's token tiles");
+  using Wg = WgTile<SAMOYEDS, EXPAND && SAMOYEDS>;
+  static_assert(!WGMMA || (NT * 8 == Wg::kBN && !DENSE), "the wgmma path runs WgTile's token tiles");
+  static_assert(!EXPAND || (WGMMA && SAMOYEDS), "EXPAND: 1:2:V+2:4 on the wgmma path");
   int splits = 1;
   if (pipelined2) {
     using C = PipeConfig<SAMOYEDS, DENSE>;
     const int kb = WGMMA ? kWgKB : C::kBlock;
-    const int mtiles_per_cta = WGMMA ? WgTile<SAMOYEDS>::kWarps : C::kWarps * kernel_streams<1, NT, SAMOYEDS, DENSE>();
-    const int ctas_per_sm = WGMMA ? 2 * WgTile<SAMOYEDS>::kCtasPerSm : 16;
+    const int mtiles_per_cta = WGMMA ? Wg::kAWarps : C::kWarps * kernel_streams<1, NT, SAMOYEDS, DENSE>();
+    const int ctas_per_sm = WGMMA ? 2 * Wg::kCtasPerSm : 16;
     const int total_blk = (inter / 32 + kb - 1) / kb;
     const int ctas = max_tiles * ((mt2 + mtiles_per_cta - 1) / mtiles_per_cta);
     const int sms = sm_count(x.get_device());
@@ -279,7 +290,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
                tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), nullptr, intermediate.data_ptr(),
                hidden, mt13, chunk_shift, topk, inter, num_pairs, max_tiles};
   if constexpr (WGMMA) {
-    launch_wgmma<T, 2, SAMOYEDS>(a13, 1, x.get_device(), stream, "w13 GEMM + SwiGLU (wgmma)");
+    launch_wgmma<T, 2, SAMOYEDS, EXPAND>(a13, 1, x.get_device(), stream, "w13 GEMM + SwiGLU (wgmma)");
   } else {
     launch_gemm<T, 2, NT, SAMOYEDS, DENSE>(a13, pipelined13, 1, stream, "w13 GEMM + SwiGLU");
   }
@@ -288,7 +299,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
               tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), weights.data_ptr<float>(),
               slot_out.data_ptr(), inter, mt2, chunk_shift, topk, hidden, num_pairs, max_tiles};
   if constexpr (WGMMA) {
-    launch_wgmma<T, 1, SAMOYEDS>(a2, splits, x.get_device(), stream, "w2 GEMM + routing weight (wgmma)");
+    launch_wgmma<T, 1, SAMOYEDS, EXPAND>(a2, splits, x.get_device(), stream, "w2 GEMM + routing weight (wgmma)");
   } else {
     launch_gemm<T, 1, NT, SAMOYEDS, DENSE>(a2, pipelined2, splits, stream, "w2 GEMM + routing weight");
   }
@@ -333,7 +344,16 @@ void dispatch_tiles(const RoutingInputs& r, const at::Tensor& topk_weights, cons
   const int forced = forced_token_tile();
   if constexpr (!DENSE) {
     const bool tile_forced = forced == 8 || forced == 16 || forced == 32 || forced == 64;
-    if (!tile_forced && wgmma_wanted(pairs_per_expert, r.x.get_device())) {
+    const WgPath path = tile_forced ? WgPath::kNone : wgmma_path(pairs_per_expert, SAMOYEDS, r.x.get_device());
+    if constexpr (SAMOYEDS) {
+      if (path == WgPath::kExpand) {
+        launch_moe<T, WgTile<true, true>::kBN / 8, true, false, true, true>(
+            r.x, topk_weights, r.ids, w13_values, w13_meta, w13_rowsel, w2_values, w2_meta, w2_rowsel, chunk,
+            r.map_ptr, out);
+        return;
+      }
+    }
+    if (path != WgPath::kNone) {
       launch_moe<T, WgTile<SAMOYEDS>::kBN / 8, SAMOYEDS, DENSE, true>(r.x, topk_weights, r.ids, w13_values, w13_meta,
                                                                       w13_rowsel, w2_values, w2_meta, w2_rowsel, chunk,
                                                                       r.map_ptr, out);

@@ -274,15 +274,15 @@ __device__ __forceinline__ void select_banks(float (&acc)[2][G][NT][4], bool (&s
   }
 }
 
-// The row selections of a warp's NS streams (rows g and g + 8 of each) for the pipelined and wgmma.sp kernels,
-// loaded one chunk ahead so their latency hides behind a chunk of MMAs. Stream gr's byte of row half h and
-// chunk c is base[c + gr * stream_stride + h * half_stride]; a stream with ok[gr] false reads as 0 (ok = nullptr:
-// every stream is read).
-template <int NS>
+// The row selections of a warp's NS streams (rows g and g + 8 of each; HALVES = 1: row g only) for the pipelined
+// and wgmma.sp kernels, loaded one chunk ahead so their latency hides behind a chunk of MMAs. Stream gr's byte of
+// row half h and chunk c is base[c + gr * stream_stride + h * half_stride]; a stream with ok[gr] false reads as 0
+// (ok = nullptr: every stream is read).
+template <int NS, int HALVES = 2>
 struct RowPairPrefetch {
   const uint8_t* base = nullptr;
   int stream_stride = 0, half_stride = 0;
-  uint8_t next[NS][2] = {};
+  uint8_t next[NS][HALVES] = {};
   // Rows g and g + 8 from rowsel row first_row on (stream gr: stream_rows rows further per stream), chunks per
   // row; loads the first chunk of the caller's run of k-steps [run_begin, run_end).
   __device__ __forceinline__ void begin(const uint8_t* rowsel, long long first_row, int stream_rows, int chunks,
@@ -297,8 +297,13 @@ struct RowPairPrefetch {
 #pragma unroll
     for (int gr = 0; gr < NS; ++gr)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+      for (int h = 0; h < HALVES; ++h)
         next[gr][h] = (ok == nullptr || ok[gr]) ? __ldg(p + (gr * stream_stride + h * half_stride)) : 0;
+  }
+  // After the caller took next[][] at k-step s (a chunk start or its run's first k-step): prefetch the next chunk.
+  __device__ __forceinline__ void advance(int s, int chunk_shift, int run_end, const bool* ok) {
+    const int chunk = (s >> chunk_shift) + 1;
+    if ((chunk << chunk_shift) < run_end) load(chunk, ok);
   }
   // At k-step s, the first of a chunk (or of the caller's run of k-steps, ending at run_end): swap the banks to
   // the chunk's selection and prefetch the next chunk's. The accumulators must be settled (wgmma: waited for).
@@ -311,10 +316,66 @@ struct RowPairPrefetch {
 #pragma unroll
       for (int h = 0; h < 2; ++h) want[gr][h] = next[gr][h] != 0;
     select_banks<NS, NT, IN_PLACE>(acc, state, want, nt_active);
-    const int chunk = (s >> chunk_shift) + 1;
-    if ((chunk << chunk_shift) < run_end) load(chunk, ok);
+    advance(s, chunk_shift, run_end, ok);
   }
 };
+
+// 1:2:V+2:4 row pairs expanded in registers (EXPAND, the wgmma.sp decode tiles). Two warps share a stored m-tile:
+// warp half h takes its stored rows 8h..8h+7 (pairs P = 16 mt + 8h + g) and builds from each k-step's stored A
+// fragment a fragment of 16 *output* rows, row g = even row 2P and row g + 8 = odd row 2P + 1; the row of the pair
+// that the chunk does not keep gets zero values and valid dummy metadata (positions 0, 1 of every group). The
+// accumulators are then output rows as for 2:4: no banks, no swaps, no drained pipeline at chunk starts, for
+// twice the MMAs per stored byte. (On the mma.sp kernels that doubling made it 1.65x slower at decode, acb84af.)
+struct ExpandedPair {
+  uint32_t keep_odd = 0;        // all ones where the chunk keeps the odd row of the pair
+  uint32_t meta_sel = 0x5410u;  // byte_perm selector: the stored metadata to the even (low) or odd (high) half
+  __device__ __forceinline__ void set(bool odd) {
+    keep_odd = 0u - static_cast<uint32_t>(odd);
+    meta_sel = odd ? 0x1054u : 0x5410u;
+  }
+  // lo, hi: this lane's stored values of its pair (cols 2t, 2t+1 and 2t+8, 2t+9); m16: the pair's metadata bits
+  // of this lane's half of the k-step (selector 0 layout, see the operand description at the top).
+  __device__ __forceinline__ void expand(uint4& a, uint32_t& meta, uint32_t lo, uint32_t hi, uint32_t m16) const {
+    a.x = lo & ~keep_odd;  // row g (even): cols 2t, 2t+1
+    a.y = lo & keep_odd;   // row g + 8 (odd)
+    a.z = hi & ~keep_odd;  // row g: cols 2t+8, 2t+9
+    a.w = hi & keep_odd;
+    meta = __byte_perm(m16, 0x44444444u, meta_sel);
+  }
+};
+
+// Epilogue of an EXPAND warp: accumulator rows g / g + 8 are the even / odd output rows of pair
+// P = 16 mt + 8 half + g, adjacent features, stored together (two T for w13, G = 2; a float2 for w2, G = 1).
+template <typename T, int G, int NT>
+__device__ __forceinline__ void store_epilogue_expanded(const float (&acc)[1][G][NT][4], int nt_active, int col0,
+                                                        int mt, int half, int g, int t,
+                                                        const int32_t* __restrict__ sorted_pairs,
+                                                        const float* __restrict__ topk_weights, void* __restrict__ out,
+                                                        int out_ld) {
+  const int pair_row = mt * 16 + 8 * half + g;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    if (nt >= nt_active) break;
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {  // token columns 2t, 2t + 1: registers c (even row) and c + 2 (odd row)
+      const int col = col0 + nt * 8 + 2 * t + c;
+      if constexpr (G == 2) {
+        uint32_t packed;
+        T* two = reinterpret_cast<T*>(&packed);
+        two[0] = MmaTraits<T>::from_float(silu(acc[0][0][nt][c]) * acc[0][1][nt][c]);
+        two[1] = MmaTraits<T>::from_float(silu(acc[0][0][nt][c + 2]) * acc[0][1][nt][c + 2]);
+        *reinterpret_cast<uint32_t*>(static_cast<T*>(out) + static_cast<long long>(col) * out_ld + 2 * pair_row) =
+            packed;
+      } else {
+        const int pair = sorted_pairs[col];
+        if (pair < 0) continue;
+        const float w = topk_weights[pair];
+        *reinterpret_cast<float2*>(static_cast<float*>(out) + static_cast<long long>(pair) * out_ld + 2 * pair_row) =
+            make_float2(acc[0][0][nt][c] * w, acc[0][0][nt][c + 2] * w);
+      }
+    }
+  }
+}
 
 // One k-step of one warp: acc[0][gr][nt] += A[gr] * B[nt] for every group and the first nt_active n-tiles
 // (nt_active is uniform across the warp; n-tiles beyond it hold only padding rows).
@@ -549,6 +610,11 @@ __device__ __forceinline__ uint4 lds_128(uint32_t addr) {
 __device__ __forceinline__ uint32_t lds_32(uint32_t addr) {
   uint32_t v;
   asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
+  uint16_t v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
   return v;
 }
 // 16-byte global -> shared copy, issued only where pred (a predicated instruction, not a branch).

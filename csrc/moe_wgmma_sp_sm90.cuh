@@ -206,12 +206,17 @@ __device__ __forceinline__ void warpgroup_reg_alloc() {
 #ifndef SAMOYEDS_WG_PRODUCER_REGS
 #define SAMOYEDS_WG_PRODUCER_REGS 64
 #endif
+#ifndef SAMOYEDS_WG_EXP
+#define SAMOYEDS_WG_EXP 26
+#endif
 constexpr int kWgKB = 2;
-template <bool SAMOYEDS>
+template <bool SAMOYEDS, bool EXPAND = false>
 struct WgTile {
+  static_assert(SAMOYEDS || !EXPAND, "EXPAND is a 1:2:V+2:4 tile");
   static constexpr int kBN = SAMOYEDS ? 64 : 128;
-  static constexpr int kGroups = SAMOYEDS ? SAMOYEDS_WG_SAM / 10 : 2;
-  static constexpr int kWarps = 4 * kGroups;          // consumer warps (one m-tile each)
+  static constexpr int kGroups = EXPAND ? SAMOYEDS_WG_EXP / 10 : SAMOYEDS ? SAMOYEDS_WG_SAM / 10 : 2;
+  static constexpr int kWarps = 4 * kGroups;          // consumer warps (one m-tile each; EXPAND: half of one)
+  static constexpr int kAWarps = EXPAND ? kWarps / 2 : kWarps;  // stored m-tiles per work item
   static constexpr int kThreads = 32 * kWarps + 128;  // + the producer warpgroup
   // CTAs per SM: two with one consumer warpgroup, else one. Registers per thread after setmaxnreg (multiples of
   // 8): the launch gives every thread kLaunchRegs (64K per SM); the consumers can take only what the producer
@@ -221,19 +226,19 @@ struct WgTile {
   static constexpr int kProducerRegs = SAMOYEDS_WG_PRODUCER_REGS;
   static constexpr int kConsumerRegs = (kLaunchRegs + (kLaunchRegs - kProducerRegs) / kGroups) / 8 * 8;
   static_assert(128 * kProducerRegs + 128 * kGroups * kConsumerRegs <= kLaunchRegs * kThreads, "register pool");
-  static constexpr int kStages = SAMOYEDS ? SAMOYEDS_WG_SAM % 10 : SAMOYEDS_WG_STAGES;
+  static constexpr int kStages = EXPAND ? SAMOYEDS_WG_EXP % 10 : SAMOYEDS ? SAMOYEDS_WG_SAM % 10 : SAMOYEDS_WG_STAGES;
   static_assert(kStages >= 3, "a slot is released one block after its wgmmas were issued");
 };
 
-// Ring slot layout (bytes): weights [warp][group][k-step][lane] x 16, metadata [warp][group][k-step][16] x 4,
+// Ring slot layout (bytes): weights [m-tile][group][k-step][lane] x 16, metadata [m-tile][group][k-step][16] x 4,
 // tokens: 8-token group j at j * kSbo, one 1024-byte 128B-swizzle atom. Per slot one "full" and one "empty"
 // mbarrier.
-template <typename T, int G, bool SAMOYEDS>
+template <typename T, int G, bool SAMOYEDS, bool EXPAND = false>
 struct WgSmem {
-  using Tile = WgTile<SAMOYEDS>;
+  using Tile = WgTile<SAMOYEDS, EXPAND>;
   static constexpr int kKBlk = 32 * kWgKB;
   static constexpr uint32_t kAWarp = kWgKB * G * 512, kMWarp = kWgKB * G * 64;
-  static constexpr uint32_t kAStage = Tile::kWarps * kAWarp, kMStage = Tile::kWarps * kMWarp;
+  static constexpr uint32_t kAStage = Tile::kAWarps * kAWarp, kMStage = Tile::kAWarps * kMWarp;
   static constexpr uint32_t kSbo = 8 * 128;
   static constexpr uint32_t kBStage = (Tile::kBN / 8) * kSbo;
   static constexpr uint32_t kMOff = Tile::kStages * kAStage, kBOff = kMOff + Tile::kStages * kMStage;
@@ -263,8 +268,8 @@ struct WgWork {
 //     slot of the block before (retired at wait_group 1) with one arrival per warp on its "empty" barrier; the
 //     last block of an item is released after wait_group 0.
 // (Weights by cp.async.bulk instead, 1 KB per warp and group: 1.5-1.8x slower on an H200.)
-template <typename T, int G, bool SAMOYEDS>
-__global__ void __launch_bounds__(WgTile<SAMOYEDS>::kThreads, WgTile<SAMOYEDS>::kCtasPerSm)
+template <typename T, int G, bool SAMOYEDS, bool EXPAND = false>
+__global__ void __launch_bounds__(WgTile<SAMOYEDS, EXPAND>::kThreads, WgTile<SAMOYEDS, EXPAND>::kCtasPerSm)
 moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues, const uint32_t* __restrict__ kmeta,
                     const uint8_t* __restrict__ rowsel, const int32_t* __restrict__ sorted_pairs,
                     const int32_t* __restrict__ tile_expert, const int32_t* __restrict__ num_tiles,
@@ -272,11 +277,11 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
                     int chunk_shift, int topk, int out_ld, int num_pairs,  // G=1: slot_out [splits, pairs, H]
                     WgWork work) {
 #if defined(SAMOYEDS_HAS_WGMMA)
-  using L = WgSmem<T, G, SAMOYEDS>;
-  using Tile = WgTile<SAMOYEDS>;
-  constexpr int BN = Tile::kBN, WARPS = Tile::kWarps;
+  using L = WgSmem<T, G, SAMOYEDS, EXPAND>;
+  using Tile = WgTile<SAMOYEDS, EXPAND>;
+  constexpr int BN = Tile::kBN, WARPS = Tile::kWarps, A_WARPS = Tile::kAWarps;
   constexpr int NT = BN / 8, KB = kWgKB, STAGES = Tile::kStages;
-  constexpr int BANKS = SAMOYEDS ? 2 : 1;
+  constexpr int BANKS = (SAMOYEDS && !EXPAND) ? 2 : 1;
   constexpr int KBLK = L::kKBlk;
   static_assert(KBLK * sizeof(T) == 128, "a slot holds one 128-byte row per token");
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -312,13 +317,13 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     // p % 32 of (kk, group, warp) = (q % KB, q / KB % G, q / (KB G)) with q = p / 32 + 4 i, i.e. A_STEP consumer
     // warps on per copy. Metadata: 16-byte vector p. Rows of m-tiles past the last are not copied (the wgmmas of
     // their warps read stale shared memory; those warps store nothing).
-    constexpr int A_COPIES = WARPS * G * KB * 32 / 128;
+    constexpr int A_COPIES = A_WARPS * G * KB * 32 / 128;
     static_assert(4 % (KB * G) == 0, "copy i + 1 of a thread is A_STEP whole warps on");
     constexpr int A_STEP = 4 / (KB * G);
     const int a_q = p >> 5, a_kk = a_q % KB, a_g = (a_q / KB) % G, a_w = a_q / (KB * G);
     const uint32_t a_dst = smem + a_w * L::kAWarp + (a_g * KB + a_kk) * 512 + lane * 16;
     const int mq4 = p >> 2, m_kk = mq4 % KB, m_g = (mq4 / KB) % G, m_w = mq4 / (KB * G);
-    const bool m_ok = mq4 < WARPS * G * KB;
+    const bool m_ok = mq4 < A_WARPS * G * KB;
     const uint32_t m_dst = smem + L::kMOff + m_w * L::kMWarp + (m_g * KB + m_kk) * 64 + (p & 3) * 16;
     int slot = 0, produced = 0;
     uint32_t empty_parity = 1;  // round r >= 1 of the ring waits for phase r - 1 of the slot's empty barrier
@@ -333,7 +338,7 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
         tok_row[i] = pair < 0 ? -1 : (G == 2 ? pair / topk : r);
       }
       const T* tok_base = act + c * 8;
-      const int mt0 = w.y * WARPS;
+      const int mt0 = w.y * A_WARPS;
       const long long stream0 = (static_cast<long long>(expert) * num_mtiles + mt0) * G;  // first (m-tile, group)
       const uint4* a_src = kvalues + ((stream0 + a_w * G + a_g) * S + a_kk) * 32 + lane;
       const long long a_step = static_cast<long long>(A_STEP) * G * S * 32;
@@ -370,8 +375,10 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
 
   // ----------------------------------------------------------------------------------- consumer warpgroups
   const int g = lane >> 2, t = lane & 3;
-  const uint32_t a_sm = smem + warp * L::kAWarp + lane * 16;
-  const uint32_t m_sm_r = smem + L::kMOff + warp * L::kMWarp + (2 * g + (t & 1)) * 4;
+  // EXPAND: warps 2j and 2j + 1 share stored m-tile j of the item, each expanding half of its rows (ExpandedPair)
+  const int a_slot = EXPAND ? warp >> 1 : warp, half = EXPAND ? warp & 1 : 0;
+  const uint32_t a_sm = smem + a_slot * L::kAWarp + lane * 16 + 4 * half;  // EXPAND: a0/a1 (+8: a2/a3) of its rows
+  const uint32_t m_sm_r = smem + L::kMOff + a_slot * L::kMWarp + (2 * g + (t & 1)) * 4 + 2 * half;
   int slot = 0;
   uint32_t parity = 0;
   auto release = [&](int s) { mbar_arrive(empty_bar + 8 * s, lane == 0); };
@@ -380,7 +387,7 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
   for (int item = blockIdx.x; item < items; item += gridDim.x) {
     const int3 w = work.at(item, tiles);
     const int tile = w.x, expert = tile_expert[tile];
-    const int mt = w.y * WARPS + warp;
+    const int mt = w.y * A_WARPS + a_slot;
     // wgmma is warpgroup-wide: a warp past the last m-tile still runs it (on clamped, valid weights) and skips
     // only its stores.
     const bool active = mt < num_mtiles;
@@ -400,12 +407,13 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     for (int i = 0; i < BANKS * G * NT * 4; ++i) flat[i] = 0.f;
     // 1:2:V+2:4 row pairs (select_banks): the bank state and the row selections of the next chunk.
     bool state[G][2] = {};
+    ExpandedPair rowpair[G];  // EXPAND: the row of each group's pair that the current chunk keeps
     const int run_begin = blk_begin * KB, run_end = min(range.y * KB, S);
     const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
-    RowPairPrefetch<G> pairs;
+    RowPairPrefetch<G, EXPAND ? 1 : 2> pairs;  // EXPAND: only row g + 8 * half
     if constexpr (SAMOYEDS) {
-      pairs.begin(rowsel, static_cast<long long>(expert) * G * num_mtiles * 16 + mt_load * 16 + g, num_mtiles * 16,
-                  chunks, run_begin, run_end, chunk_shift, nullptr);
+      pairs.begin(rowsel, static_cast<long long>(expert) * G * num_mtiles * 16 + mt_load * 16 + 8 * half + g,
+                  num_mtiles * 16, chunks, run_begin, run_end, chunk_shift, nullptr);
     }
 
     // A and metadata of a block go to registers before its wgmmas (RS form); two register sets alternate
@@ -416,14 +424,29 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
       fence_proxy_async_shared();  // the producer's cp.async (generic proxy) writes, visible to the wgmma
       const uint32_t a_st = a_sm + slot * L::kAStage, m_st = m_sm_r + slot * L::kMStage;
       const uint32_t b_st = smem + L::kBOff + slot * L::kBStage;
+      const int s0 = (blk_begin + blk) * KB;
 #pragma unroll
-      for (int kk = 0; kk < KB; ++kk)
+      for (int kk = 0; kk < KB; ++kk) {
+        if constexpr (EXPAND) {  // the chunk's row of each pair, taken at its first k-step
+          const int s = s0 + kk;
+          if (s < S && (s == run_begin || (s & ((1 << chunk_shift) - 1)) == 0)) {
+#pragma unroll
+            for (int gr = 0; gr < G; ++gr) rowpair[gr].set(pairs.next[gr][0] != 0);
+            pairs.advance(s, chunk_shift, run_end, nullptr);
+          }
+        }
 #pragma unroll
         for (int gr = 0; gr < G; ++gr) {
-          a[buf][kk][gr] = lds_128(a_st + (gr * KB + kk) * 512);
-          meta[buf][kk][gr] = lds_32(m_st + (gr * KB + kk) * 64);
+          if constexpr (EXPAND) {
+            const uint32_t at = a_st + (gr * KB + kk) * 512;
+            rowpair[gr].expand(a[buf][kk][gr], meta[buf][kk][gr], lds_32(at), lds_32(at + 8),
+                               lds_u16(m_st + (gr * KB + kk) * 64));
+          } else {
+            a[buf][kk][gr] = lds_128(a_st + (gr * KB + kk) * 512);
+            meta[buf][kk][gr] = lds_32(m_st + (gr * KB + kk) * 64);
+          }
         }
-      const int s0 = (blk_begin + blk) * KB;
+      }
       auto issue_step = [&](int kk) {
 #pragma unroll
         for (int gr = 0; gr < G; ++gr)
@@ -433,7 +456,7 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
       // 1:2:V+2:4: before the first k-step of a chunk (and of this split) every wgmma on the banks must have
       // retired: commit what this block issued so far, wait, swap, fence again.
       auto chunk_start = [&](int s) {
-        if constexpr (SAMOYEDS) {
+        if constexpr (SAMOYEDS && !EXPAND) {
           if (s == run_begin || (s & ((1 << chunk_shift) - 1)) == 0) {
             wgmma_commit();
             wgmma_wait<0>();
@@ -476,9 +499,15 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     if (nblk > 0) release(slot == 0 ? STAGES - 1 : slot - 1);
     float* const slot_out = static_cast<float*>(out) + static_cast<long long>(w.z) * num_pairs * out_ld;
     void* dst = (G == 1) ? static_cast<void*>(slot_out) : out;
-    if (active)
-      store_epilogue<T, G, G, NT, SAMOYEDS>(acc, state, nt_active, tile * BN, mt, 1, g, t, sorted_pairs,
-                                            topk_weights, dst, out_ld);
+    if (active) {
+      if constexpr (EXPAND) {
+        store_epilogue_expanded<T, G, NT>(acc, nt_active, tile * BN, mt, half, g, t, sorted_pairs, topk_weights, dst,
+                                          out_ld);
+      } else {
+        store_epilogue<T, G, G, NT, SAMOYEDS>(acc, state, nt_active, tile * BN, mt, 1, g, t, sorted_pairs,
+                                              topk_weights, dst, out_ld);
+      }
+    }
   }
 #else
   __trap();  // launched only on capability 9.0, where the JIT build targets sm_90a: a build without wgmma fails loudly

@@ -12,6 +12,9 @@ __all__ = ["build_dir", "cuda_kernels_disabled", "extra_nvcc_flags", "verbose_bu
 #                                   (1:2:V+2:4 caps it at 32; a forced tile also turns the wgmma path off)
 #   SAMOYEDS_WGMMA=0|1|2            Hopper wgmma.sp kernels (capability 9.0, 2:4 and 1:2:V+2:4): 1 (default) when
 #                                   an expert gets >= 64 tokens on average (prefill), 0 never, 2 for every call (tests)
+#   SAMOYEDS_WG_EXPAND=0|1|2        1:2:V+2:4 on the wgmma.sp kernels with its row pairs expanded in registers:
+#                                   1 (default) at 12-63 tokens per expert (decode), 0 never, 2 for every
+#                                   1:2:V+2:4 call on the wgmma.sp path (tests; with SAMOYEDS_WGMMA=2: every call)
 
 
 def cuda_kernels_disabled() -> bool:

@@ -228,11 +228,19 @@ def test_dense_control_matches_reference(dtype, n_tokens, n_exp, topk, hidden, i
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
+# Every check of this file again, in a fresh process, with every sparse call on one family of Hopper kernels.
+FORCED_PASSES = {
+    "wgmma": {"SAMOYEDS_WGMMA": "2", "SAMOYEDS_WG_EXPAND": "0"},  # wgmma.sp; 1:2:V+2:4 with accumulator banks
+    "wgmma_expand": {"SAMOYEDS_WGMMA": "2", "SAMOYEDS_WG_EXPAND": "2"},  # 1:2:V+2:4 with its row pairs expanded
+}
+FORCED = os.environ.get("SAMOYEDS_TEST_FORCED_PASS")
+
+
 @pytest.mark.skipif(not HOPPER, reason="the wgmma.sp path is Hopper (sm_90a) only")
-@pytest.mark.skipif(os.environ.get("SAMOYEDS_WGMMA") is not None, reason="runs the forced pass itself")
-def test_hopper_wgmma_path_passes_every_check():
-    """All checks of this file again in a fresh process with every sparse call on the wgmma.sp path."""
-    env = {**os.environ, "SAMOYEDS_WGMMA": "2"}
+@pytest.mark.skipif(FORCED is not None, reason="runs the forced passes itself")
+@pytest.mark.parametrize("name", sorted(FORCED_PASSES))
+def test_forced_pass_passes_every_check(name):
+    env = {**os.environ, **FORCED_PASSES[name], "SAMOYEDS_TEST_FORCED_PASS": name}
     proc = subprocess.run(
         [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
         env=env,
@@ -243,10 +251,10 @@ def test_hopper_wgmma_path_passes_every_check():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
-@pytest.mark.skipif(not HOPPER or os.environ.get("SAMOYEDS_WGMMA") != "2", reason="forced wgmma.sp pass only")
+@pytest.mark.skipif(not HOPPER or FORCED is None, reason="forced wgmma.sp passes only")
 @pytest.mark.parametrize("pattern", ["2:4", "1:2:32+2:4"])
 def test_wgmma_kernels_ran(pattern):
-    """The forced pass really ran the wgmma.sp kernels (the kernel names in a profile of one call)."""
+    """The forced pass really ran the wgmma.sp kernels it names (the kernel names in a profile of one call)."""
     gen = torch.Generator(device="cuda").manual_seed(3)
     w13 = _experts(4, 2 * 416, 352, pattern, torch.bfloat16, gen)
     w2 = _experts(4, 352, 416, pattern, torch.bfloat16, gen)
@@ -257,4 +265,8 @@ def test_wgmma_kernels_ran(pattern):
         ops.moe_forward(x, weights, ids, prepared)
         torch.cuda.synchronize()
     names = {e.key for e in prof.key_averages()}
-    assert any("moe_wgmma_sp_kernel" in n for n in names), sorted(names)
+    samoyeds = pattern != "2:4"
+    expand = samoyeds and FORCED == "wgmma_expand"
+    for groups in (1, 2):  # w2, w13; template arguments <T, G, SAMOYEDS, EXPAND>
+        want = f"moe_wgmma_sp_kernel<__nv_bfloat16, {groups}, {str(samoyeds).lower()}, {str(expand).lower()}>"
+        assert any(want in n for n in names), (want, sorted(names))
