@@ -274,15 +274,15 @@ __device__ __forceinline__ void select_banks(float (&acc)[2][G][NT][4], bool (&s
   }
 }
 
-// The row selections of a warp's NS streams (rows g and g + 8 of each; HALVES = 1: row g only) for the pipelined
-// and wgmma.sp kernels, loaded one chunk ahead so their latency hides behind a chunk of MMAs. Stream gr's byte of
-// row half h and chunk c is base[c + gr * stream_stride + h * half_stride]; a stream with ok[gr] false reads as 0
-// (ok = nullptr: every stream is read).
-template <int NS, int HALVES = 2>
+// The row selections of a warp's NS streams (rows g and g + 8 of each) for the pipelined and wgmma.sp kernels,
+// loaded one chunk ahead so their latency hides behind a chunk of MMAs. Stream gr's byte of row half h and
+// chunk c is base[c + gr * stream_stride + h * half_stride]; a stream with ok[gr] false reads as 0 (ok = nullptr:
+// every stream is read).
+template <int NS>
 struct RowPairPrefetch {
   const uint8_t* base = nullptr;
   int stream_stride = 0, half_stride = 0;
-  uint8_t next[NS][HALVES] = {};
+  uint8_t next[NS][2] = {};
   // Rows g and g + 8 from rowsel row first_row on (stream gr: stream_rows rows further per stream), chunks per
   // row; loads the first chunk of the caller's run of k-steps [run_begin, run_end).
   __device__ __forceinline__ void begin(const uint8_t* rowsel, long long first_row, int stream_rows, int chunks,
@@ -297,13 +297,8 @@ struct RowPairPrefetch {
 #pragma unroll
     for (int gr = 0; gr < NS; ++gr)
 #pragma unroll
-      for (int h = 0; h < HALVES; ++h)
+      for (int h = 0; h < 2; ++h)
         next[gr][h] = (ok == nullptr || ok[gr]) ? __ldg(p + (gr * stream_stride + h * half_stride)) : 0;
-  }
-  // After the caller took next[][] at k-step s (a chunk start or its run's first k-step): prefetch the next chunk.
-  __device__ __forceinline__ void advance(int s, int chunk_shift, int run_end, const bool* ok) {
-    const int chunk = (s >> chunk_shift) + 1;
-    if ((chunk << chunk_shift) < run_end) load(chunk, ok);
   }
   // At k-step s, the first of a chunk (or of the caller's run of k-steps, ending at run_end): swap the banks to
   // the chunk's selection and prefetch the next chunk's. The accumulators must be settled (wgmma: waited for).
@@ -316,7 +311,47 @@ struct RowPairPrefetch {
 #pragma unroll
       for (int h = 0; h < 2; ++h) want[gr][h] = next[gr][h] != 0;
     select_banks<NS, NT, IN_PLACE>(acc, state, want, nt_active);
-    advance(s, chunk_shift, run_end, ok);
+    const int chunk = (s >> chunk_shift) + 1;
+    if ((chunk << chunk_shift) < run_end) load(chunk, ok);
+  }
+};
+
+// The row selections of a warp's NS streams, one row each (the EXPAND kernels), D chunks ahead: a ring of D bytes
+// per stream. One chunk ahead (RowPairPrefetch) the byte often had not arrived yet at decode, where a chunk of
+// V = 128 takes ~1 us and the loads queue behind the weight stream (ncu: the consumers' top stall).
+template <int NS, int D>
+struct RowSelRing {
+  const uint8_t* base = nullptr;
+  int stream_stride = 0, run_end = 0, chunk_shift = 0;
+  uint8_t ring[NS][D] = {};
+  // Stream gr's byte of chunk c is rowsel[(first_row + gr * stream_rows) * chunks + c]; the caller's k-steps are
+  // [run_begin, run_end).
+  __device__ __forceinline__ void begin(const uint8_t* rowsel, long long first_row, int stream_rows, int chunks,
+                                        int run_begin, int run_end_, int chunk_shift_) {
+    base = rowsel + first_row * chunks;
+    stream_stride = stream_rows * chunks;
+    run_end = run_end_;
+    chunk_shift = chunk_shift_;
+    const int c0 = run_begin >> chunk_shift;
+#pragma unroll
+    for (int i = 0; i < D; ++i) load(i, c0 + i);
+  }
+  __device__ __forceinline__ void load(int i, int chunk) {
+    if ((chunk << chunk_shift) < run_end) {
+#pragma unroll
+      for (int gr = 0; gr < NS; ++gr) ring[gr][i] = __ldg(base + gr * stream_stride + chunk);
+    }
+  }
+  // At k-step s, a chunk start (or the run's first k-step): odd[gr] = the chunk keeps the odd row of stream gr's
+  // pair; then the ring moves on by one chunk.
+  __device__ __forceinline__ void take(int s, bool (&odd)[NS]) {
+#pragma unroll
+    for (int gr = 0; gr < NS; ++gr) {
+      odd[gr] = ring[gr][0] != 0;
+#pragma unroll
+      for (int i = 0; i + 1 < D; ++i) ring[gr][i] = ring[gr][i + 1];
+    }
+    load(D - 1, (s >> chunk_shift) + D);
   }
 };
 

@@ -206,15 +206,19 @@ __device__ __forceinline__ void warpgroup_reg_alloc() {
 #ifndef SAMOYEDS_WG_PRODUCER_REGS
 #define SAMOYEDS_WG_PRODUCER_REGS 64
 #endif
-#ifndef SAMOYEDS_WG_EXP
-#define SAMOYEDS_WG_EXP 26
+#ifndef SAMOYEDS_WG_EXP_STAGES  // EXPAND: 2 consumer warpgroups (64 stored rows) x BN 64, this many slots
+#define SAMOYEDS_WG_EXP_STAGES 6
 #endif
+#ifndef SAMOYEDS_WG_ROWSEL_AHEAD
+#define SAMOYEDS_WG_ROWSEL_AHEAD 4
+#endif
+constexpr int kWgRowSelAhead = SAMOYEDS_WG_ROWSEL_AHEAD;
 constexpr int kWgKB = 2;
 template <bool SAMOYEDS, bool EXPAND = false>
 struct WgTile {
   static_assert(SAMOYEDS || !EXPAND, "EXPAND is a 1:2:V+2:4 tile");
   static constexpr int kBN = SAMOYEDS ? 64 : 128;
-  static constexpr int kGroups = EXPAND ? SAMOYEDS_WG_EXP / 10 : SAMOYEDS ? SAMOYEDS_WG_SAM / 10 : 2;
+  static constexpr int kGroups = EXPAND ? 2 : SAMOYEDS ? SAMOYEDS_WG_SAM / 10 : 2;
   static constexpr int kWarps = 4 * kGroups;          // consumer warps (one m-tile each; EXPAND: half of one)
   static constexpr int kAWarps = EXPAND ? kWarps / 2 : kWarps;  // stored m-tiles per work item
   static constexpr int kThreads = 32 * kWarps + 128;  // + the producer warpgroup
@@ -226,7 +230,7 @@ struct WgTile {
   static constexpr int kProducerRegs = SAMOYEDS_WG_PRODUCER_REGS;
   static constexpr int kConsumerRegs = (kLaunchRegs + (kLaunchRegs - kProducerRegs) / kGroups) / 8 * 8;
   static_assert(128 * kProducerRegs + 128 * kGroups * kConsumerRegs <= kLaunchRegs * kThreads, "register pool");
-  static constexpr int kStages = EXPAND ? SAMOYEDS_WG_EXP % 10 : SAMOYEDS ? SAMOYEDS_WG_SAM % 10 : SAMOYEDS_WG_STAGES;
+  static constexpr int kStages = EXPAND ? SAMOYEDS_WG_EXP_STAGES : SAMOYEDS ? SAMOYEDS_WG_SAM % 10 : SAMOYEDS_WG_STAGES;
   static_assert(kStages >= 3, "a slot is released one block after its wgmmas were issued");
 };
 
@@ -410,10 +414,15 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     ExpandedPair rowpair[G];  // EXPAND: the row of each group's pair that the current chunk keeps
     const int run_begin = blk_begin * KB, run_end = min(range.y * KB, S);
     const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
-    RowPairPrefetch<G, EXPAND ? 1 : 2> pairs;  // EXPAND: only row g + 8 * half
+    RowPairPrefetch<G> pairs;           // banks: rows g and g + 8, one chunk ahead
+    RowSelRing<G, kWgRowSelAhead> sel;  // EXPAND: row g + 8 * half, kWgRowSelAhead chunks ahead
     if constexpr (SAMOYEDS) {
-      pairs.begin(rowsel, static_cast<long long>(expert) * G * num_mtiles * 16 + mt_load * 16 + 8 * half + g,
-                  num_mtiles * 16, chunks, run_begin, run_end, chunk_shift, nullptr);
+      const long long first_row = static_cast<long long>(expert) * G * num_mtiles * 16 + mt_load * 16 + g;
+      if constexpr (EXPAND) {
+        sel.begin(rowsel, first_row + 8 * half, num_mtiles * 16, chunks, run_begin, run_end, chunk_shift);
+      } else {
+        pairs.begin(rowsel, first_row, num_mtiles * 16, chunks, run_begin, run_end, chunk_shift, nullptr);
+      }
     }
 
     // A and metadata of a block go to registers before its wgmmas (RS form); two register sets alternate
@@ -430,9 +439,10 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
         if constexpr (EXPAND) {  // the chunk's row of each pair, taken at its first k-step
           const int s = s0 + kk;
           if (s < S && (s == run_begin || (s & ((1 << chunk_shift) - 1)) == 0)) {
+            bool odd[G];
+            sel.take(s, odd);
 #pragma unroll
-            for (int gr = 0; gr < G; ++gr) rowpair[gr].set(pairs.next[gr][0] != 0);
-            pairs.advance(s, chunk_shift, run_end, nullptr);
+            for (int gr = 0; gr < G; ++gr) rowpair[gr].set(odd[gr]);
           }
         }
 #pragma unroll
