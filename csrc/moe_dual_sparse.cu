@@ -198,28 +198,29 @@ void launch_wgmma(const GemmArgs& a, int splits, int device, cudaStream_t stream
   SAMOYEDS_CHECK_LAUNCH(what);
 }
 
-// The wgmma path (capability 9.0; the JIT build targets sm_90a there) takes the prefill-size calls: an expert
-// gets >= kWgmmaMinPairs pairs on average. H200 crossovers (benchmarks/results/wgmma_crossover_*.json, 2:4: the
-// mma.sp kernels win up to 48 pairs per expert on Qwen3-30B-A3B and OLMoE shapes, 0.73-0.90x, wgmma.sp from 64 on,
-// 1.11-1.33x at 64 and 1.1-1.7x beyond; 1:2:V+2:4 in kernel_tuning_*.json: mma.sp wins at 16-32 pairs per expert
-// on Mixtral-8x7B and OLMoE shapes by 5-29% (Qwen3-30B-A3B at 32: wgmma.sp by 5%), wgmma.sp from 64 on by
-// 8-35%). SAMOYEDS_WGMMA (samoyeds_vllm/envs.py): 1 (default) by that rule, 0 never, 2 for every call (tests).
-// 1:2:V+2:4 also runs the wgmma.sp kernels with its row pairs expanded in registers (EXPAND) for decode-size calls,
-// kWgExpandMinPairs <= pairs per expert < kWgmmaMinPairs. SAMOYEDS_WG_EXPAND (samoyeds_vllm/envs.py): 1 (default)
-// by that rule, 0 never, 2 for every 1:2:V+2:4 call on the wgmma path (tests).
-constexpr double kWgmmaMinPairs = 64.0, kWgExpandMinPairs = 12.0;
+// The wgmma path (capability 9.0; the JIT build targets sm_90a there) takes the calls where an expert gets
+// >= kWgmmaMinPairs pairs on average (2:4) or >= kWgmmaMinPairsSamoyeds (1:2:V+2:4). H200 crossovers
+// (benchmarks/results/wgmma_crossover_*.json and kernel_tuning_*.json): 2:4 on mma.sp up to 48 pairs per expert
+// (wgmma.sp 0.73-0.90x there, 1.11-1.33x at 64, 1.1-1.7x beyond); 1:2:V+2:4 on mma.sp at 16 pairs per expert
+// (wgmma.sp 14-18% slower on Mixtral-8x7B, Qwen3-30B-A3B and OLMoE shapes), on wgmma.sp from 32 on (Mixtral 128
+// tokens 297-300 vs 318-324 us, OLMoE 256 tokens 118 vs 132 us, Qwen3-30B-A3B 512 tokens 181 vs 186 us).
+// 1:2:32+2:4 runs it with its row pairs expanded in registers (EXPAND): V = 32 starts a chunk at every k-step, and
+// the accumulator banks then drain the wgmma pipeline at every k-step (EXPAND 3-9% faster at 256-2048 tokens;
+// with V = 128 it was 20-40% slower, and at decode slower for every V). SAMOYEDS_WGMMA (samoyeds_vllm/envs.py):
+// 1 (default) by that rule, 0 never, 2 for every call (tests); SAMOYEDS_WG_EXPAND: 1 (default) for V = 32, 0
+// never, 2 for every 1:2:V+2:4 call on the wgmma path (tests).
+constexpr double kWgmmaMinPairs = 64.0, kWgmmaMinPairsSamoyeds = 24.0;
 enum class WgPath { kNone, kBanks, kExpand };
-WgPath wgmma_path(double pairs_per_expert, bool samoyeds, int device) {
+WgPath wgmma_path(double pairs_per_expert, int chunk, int device) {
   static const int mode = env_int("SAMOYEDS_WGMMA", 1), expand = env_int("SAMOYEDS_WG_EXPAND", 1);
   if (mode == 0) return WgPath::kNone;
   int major = 0, minor = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (major != 9 || minor != 0) return WgPath::kNone;
-  const bool prefill = pairs_per_expert >= kWgmmaMinPairs;
-  if (samoyeds && (expand == 2 || (expand == 1 && !prefill && pairs_per_expert >= kWgExpandMinPairs)))
-    return WgPath::kExpand;
-  return (mode == 2 || prefill) ? WgPath::kBanks : WgPath::kNone;
+  const bool samoyeds = chunk != 0;
+  if (mode == 1 && pairs_per_expert < (samoyeds ? kWgmmaMinPairsSamoyeds : kWgmmaMinPairs)) return WgPath::kNone;
+  return (samoyeds && (expand == 2 || (expand == 1 && chunk == 32))) ? WgPath::kExpand : WgPath::kBanks;
 }
 
 // DENSE: the fusion control (moe_dense_prepacked): dense kernel-layout weights, no metadata (w13_meta and
@@ -344,7 +345,7 @@ void dispatch_tiles(const RoutingInputs& r, const at::Tensor& topk_weights, cons
   const int forced = forced_token_tile();
   if constexpr (!DENSE) {
     const bool tile_forced = forced == 8 || forced == 16 || forced == 32 || forced == 64;
-    const WgPath path = tile_forced ? WgPath::kNone : wgmma_path(pairs_per_expert, SAMOYEDS, r.x.get_device());
+    const WgPath path = tile_forced ? WgPath::kNone : wgmma_path(pairs_per_expert, chunk, r.x.get_device());
     if constexpr (SAMOYEDS) {
       if (path == WgPath::kExpand) {
         launch_moe<T, WgTile<true, true>::kBN / 8, true, false, true, true>(

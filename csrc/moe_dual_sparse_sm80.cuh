@@ -277,8 +277,9 @@ __device__ __forceinline__ void select_banks(float (&acc)[2][G][NT][4], bool (&s
 // The row selections of a warp's NS streams (rows g and g + 8 of each) for the pipelined and wgmma.sp kernels,
 // loaded one chunk ahead so their latency hides behind a chunk of MMAs. Stream gr's byte of row half h and
 // chunk c is base[c + gr * stream_stride + h * half_stride]; a stream with ok[gr] false reads as 0 (ok = nullptr:
-// every stream is read).
-template <int NS>
+// every stream is read). L2_AHEAD > 0 (the wgmma.sp kernels): each load also prefetches the bytes L2_AHEAD chunks
+// further into L2, so the one-chunk-ahead load that a consumer's proxy fence then waits for is an L2 hit.
+template <int NS, int L2_AHEAD = 0>
 struct RowPairPrefetch {
   const uint8_t* base = nullptr;
   int stream_stride = 0, half_stride = 0;
@@ -290,7 +291,24 @@ struct RowPairPrefetch {
     base = rowsel + first_row * chunks;
     stream_stride = stream_rows * chunks;
     half_stride = 8 * chunks;
-    if (run_begin < run_end) load(run_begin >> chunk_shift, ok);
+    if (run_begin < run_end) {
+      load(run_begin >> chunk_shift, ok);
+      if constexpr (L2_AHEAD > 0) {  // the chunks up to L2_AHEAD on (enter_chunk prefetches one more each time)
+#pragma unroll
+        for (int i = 1; i <= L2_AHEAD; ++i) {
+          const int chunk = (run_begin >> chunk_shift) + i;
+          if ((chunk << chunk_shift) < run_end) prefetch_l2(chunk, ok);
+        }
+      }
+    }
+  }
+  __device__ __forceinline__ void prefetch_l2(int chunk, const bool* ok) {
+#pragma unroll
+    for (int gr = 0; gr < NS; ++gr)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        if (ok == nullptr || ok[gr])
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(base + chunk + gr * stream_stride + h * half_stride));
   }
   __device__ __forceinline__ void load(int chunk, const bool* ok) {
     const uint8_t* p = base + chunk;
@@ -313,12 +331,14 @@ struct RowPairPrefetch {
     select_banks<NS, NT, IN_PLACE>(acc, state, want, nt_active);
     const int chunk = (s >> chunk_shift) + 1;
     if ((chunk << chunk_shift) < run_end) load(chunk, ok);
+    if constexpr (L2_AHEAD > 0) {
+      if (((chunk + L2_AHEAD) << chunk_shift) < run_end) prefetch_l2(chunk + L2_AHEAD, ok);
+    }
   }
 };
 
 // The row selections of a warp's NS streams, one row each (the EXPAND kernels), D chunks ahead: a ring of D bytes
-// per stream. One chunk ahead (RowPairPrefetch) the byte often had not arrived yet at decode, where a chunk of
-// V = 128 takes ~1 us and the loads queue behind the weight stream (ncu: the consumers' top stall).
+// per stream (V = 32 starts a chunk at every k-step, too soon for a load one chunk ahead under a weight stream).
 template <int NS, int D>
 struct RowSelRing {
   const uint8_t* base = nullptr;
@@ -355,7 +375,7 @@ struct RowSelRing {
   }
 };
 
-// 1:2:V+2:4 row pairs expanded in registers (EXPAND, the wgmma.sp decode tiles). Two warps share a stored m-tile:
+// 1:2:V+2:4 row pairs expanded in registers (EXPAND, the wgmma.sp kernels for V = 32: moe_dual_sparse.cu). Two warps share a stored m-tile:
 // warp half h takes its stored rows 8h..8h+7 (pairs P = 16 mt + 8h + g) and builds from each k-step's stored A
 // fragment a fragment of 16 *output* rows, row g = even row 2P and row g + 8 = odd row 2P + 1; the row of the pair
 // that the chunk does not keep gets zero values and valid dummy metadata (positions 0, 1 of every group). The

@@ -213,6 +213,10 @@ __device__ __forceinline__ void warpgroup_reg_alloc() {
 #define SAMOYEDS_WG_ROWSEL_AHEAD 4
 #endif
 constexpr int kWgRowSelAhead = SAMOYEDS_WG_ROWSEL_AHEAD;
+#ifndef SAMOYEDS_WG_ROWSEL_L2_AHEAD
+#define SAMOYEDS_WG_ROWSEL_L2_AHEAD 4
+#endif
+constexpr int kWgRowSelL2Ahead = SAMOYEDS_WG_ROWSEL_L2_AHEAD;
 constexpr int kWgKB = 2;
 template <bool SAMOYEDS, bool EXPAND = false>
 struct WgTile {
@@ -414,7 +418,7 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     ExpandedPair rowpair[G];  // EXPAND: the row of each group's pair that the current chunk keeps
     const int run_begin = blk_begin * KB, run_end = min(range.y * KB, S);
     const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
-    RowPairPrefetch<G> pairs;           // banks: rows g and g + 8, one chunk ahead
+    RowPairPrefetch<G, kWgRowSelL2Ahead> pairs;  // banks: rows g and g + 8, one chunk ahead
     RowSelRing<G, kWgRowSelAhead> sel;  // EXPAND: row g + 8 * half, kWgRowSelAhead chunks ahead
     if constexpr (SAMOYEDS) {
       const long long first_row = static_cast<long long>(expert) * G * num_mtiles * 16 + mt_load * 16 + g;
