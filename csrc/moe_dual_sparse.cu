@@ -199,17 +199,17 @@ void launch_wgmma(const GemmArgs& a, int splits, int device, cudaStream_t stream
 }
 
 // The wgmma path (capability 9.0; the JIT build targets sm_90a there) takes the calls where an expert gets
-// >= kWgmmaMinPairs pairs on average (2:4) or >= kWgmmaMinPairsSamoyeds (1:2:V+2:4). H200 crossovers
+// >= kWgmmaMinPairs pairs on average, and 1:2:V+2:4 with V >= 128 from kWgmmaMinPairsLongChunks. H200 crossovers
 // (benchmarks/results/wgmma_crossover_*.json and kernel_tuning_*.json): 2:4 on mma.sp up to 48 pairs per expert
-// (wgmma.sp 0.73-0.90x there, 1.11-1.33x at 64, 1.1-1.7x beyond); 1:2:V+2:4 on mma.sp at 16 pairs per expert
+// (wgmma.sp 0.73-0.90x there, 1.11-1.33x at 64, 1.1-1.7x beyond); 1:2:128+2:4 on mma.sp at 16 pairs per expert
 // (wgmma.sp 14-18% slower on Mixtral-8x7B, Qwen3-30B-A3B and OLMoE shapes), on wgmma.sp from 32 on (Mixtral 128
-// tokens 297-300 vs 318-324 us, OLMoE 256 tokens 118 vs 132 us, Qwen3-30B-A3B 512 tokens 181 vs 186 us).
-// 1:2:32+2:4 runs it with its row pairs expanded in registers (EXPAND): V = 32 starts a chunk at every k-step, and
-// the accumulator banks then drain the wgmma pipeline at every k-step (EXPAND 3-9% faster at 256-2048 tokens;
-// with V = 128 it was 20-40% slower, and at decode slower for every V). SAMOYEDS_WGMMA (samoyeds_vllm/envs.py):
-// 1 (default) by that rule, 0 never, 2 for every call (tests); SAMOYEDS_WG_EXPAND: 1 (default) for V = 32, 0
-// never, 2 for every 1:2:V+2:4 call on the wgmma path (tests).
-constexpr double kWgmmaMinPairs = 64.0, kWgmmaMinPairsSamoyeds = 24.0;
+// tokens 299-310 vs 317 us, OLMoE 256 tokens 118-122 vs 131 us, Qwen3-30B-A3B 512 tokens 180-184 vs 187 us);
+// 1:2:32+2:4 at 32 pairs per expert equal or 6% slower on wgmma.sp. 1:2:32+2:4 runs with its row pairs expanded in
+// registers (EXPAND): V = 32 starts a chunk at every k-step, where the accumulator banks drain the wgmma pipeline
+// (EXPAND 3-9% faster at 256-8192 tokens; with V = 128 20-40% slower, and at decode slower for every V).
+// SAMOYEDS_WGMMA (samoyeds_vllm/envs.py): 1 (default) by that rule, 0 never, 2 for every call (tests);
+// SAMOYEDS_WG_EXPAND: 1 (default) for V = 32, 0 never, 2 for every 1:2:V+2:4 call on the wgmma path (tests).
+constexpr double kWgmmaMinPairs = 64.0, kWgmmaMinPairsLongChunks = 24.0;
 enum class WgPath { kNone, kBanks, kExpand };
 WgPath wgmma_path(double pairs_per_expert, int chunk, int device) {
   static const int mode = env_int("SAMOYEDS_WGMMA", 1), expand = env_int("SAMOYEDS_WG_EXPAND", 1);
@@ -219,7 +219,8 @@ WgPath wgmma_path(double pairs_per_expert, int chunk, int device) {
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (major != 9 || minor != 0) return WgPath::kNone;
   const bool samoyeds = chunk != 0;
-  if (mode == 1 && pairs_per_expert < (samoyeds ? kWgmmaMinPairsSamoyeds : kWgmmaMinPairs)) return WgPath::kNone;
+  const double min_pairs = chunk >= 128 ? kWgmmaMinPairsLongChunks : kWgmmaMinPairs;
+  if (mode == 1 && pairs_per_expert < min_pairs) return WgPath::kNone;
   return (samoyeds && (expand == 2 || (expand == 1 && chunk == 32))) ? WgPath::kExpand : WgPath::kBanks;
 }
 
@@ -400,6 +401,8 @@ at::Tensor moe_sparse_prepacked_cuda(const at::Tensor& x, const at::Tensor& topk
   if (samoyeds) {
     SAMOYEDS_CHECK_CUDA_TENSOR(*w13_rowsel, "w13_rowsel");
     SAMOYEDS_CHECK_CUDA_TENSOR(*w2_rowsel, "w2_rowsel");
+    SAMOYEDS_CHECK_ALIGNED("moe_sparse_prepacked", *w13_rowsel, "w13_rowsel");  // 4-byte copies (wgmma.sp)
+    SAMOYEDS_CHECK_ALIGNED("moe_sparse_prepacked", *w2_rowsel, "w2_rowsel");
   }
   SAMOYEDS_CHECK_ALIGNED("moe_sparse_prepacked", w13_values, "w13_values");
   SAMOYEDS_CHECK_ALIGNED("moe_sparse_prepacked", w13_meta, "w13_meta");

@@ -277,9 +277,8 @@ __device__ __forceinline__ void select_banks(float (&acc)[2][G][NT][4], bool (&s
 // The row selections of a warp's NS streams (rows g and g + 8 of each) for the pipelined and wgmma.sp kernels,
 // loaded one chunk ahead so their latency hides behind a chunk of MMAs. Stream gr's byte of row half h and
 // chunk c is base[c + gr * stream_stride + h * half_stride]; a stream with ok[gr] false reads as 0 (ok = nullptr:
-// every stream is read). L2_AHEAD > 0 (the wgmma.sp kernels): each load also prefetches the bytes L2_AHEAD chunks
-// further into L2, so the one-chunk-ahead load that a consumer's proxy fence then waits for is an L2 hit.
-template <int NS, int L2_AHEAD = 0>
+// every stream is read).
+template <int NS>
 struct RowPairPrefetch {
   const uint8_t* base = nullptr;
   int stream_stride = 0, half_stride = 0;
@@ -291,24 +290,7 @@ struct RowPairPrefetch {
     base = rowsel + first_row * chunks;
     stream_stride = stream_rows * chunks;
     half_stride = 8 * chunks;
-    if (run_begin < run_end) {
-      load(run_begin >> chunk_shift, ok);
-      if constexpr (L2_AHEAD > 0) {  // the chunks up to L2_AHEAD on (enter_chunk prefetches one more each time)
-#pragma unroll
-        for (int i = 1; i <= L2_AHEAD; ++i) {
-          const int chunk = (run_begin >> chunk_shift) + i;
-          if ((chunk << chunk_shift) < run_end) prefetch_l2(chunk, ok);
-        }
-      }
-    }
-  }
-  __device__ __forceinline__ void prefetch_l2(int chunk, const bool* ok) {
-#pragma unroll
-    for (int gr = 0; gr < NS; ++gr)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        if (ok == nullptr || ok[gr])
-          asm volatile("prefetch.global.L2 [%0];" ::"l"(base + chunk + gr * stream_stride + h * half_stride));
+    if (run_begin < run_end) load(run_begin >> chunk_shift, ok);
   }
   __device__ __forceinline__ void load(int chunk, const bool* ok) {
     const uint8_t* p = base + chunk;
@@ -331,9 +313,6 @@ struct RowPairPrefetch {
     select_banks<NS, NT, IN_PLACE>(acc, state, want, nt_active);
     const int chunk = (s >> chunk_shift) + 1;
     if ((chunk << chunk_shift) < run_end) load(chunk, ok);
-    if constexpr (L2_AHEAD > 0) {
-      if (((chunk + L2_AHEAD) << chunk_shift) < run_end) prefetch_l2(chunk + L2_AHEAD, ok);
-    }
   }
 };
 
@@ -667,6 +646,11 @@ __device__ __forceinline__ uint32_t lds_32(uint32_t addr) {
   asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
   return v;
 }
+__device__ __forceinline__ uint32_t lds_u8(uint32_t addr) {
+  uint16_t v;
+  asm volatile("ld.shared.u8 %0, [%1];\n" : "=h"(v) : "r"(addr));
+  return v;
+}
 __device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
   uint16_t v;
   asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
@@ -676,6 +660,12 @@ __device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool pred = true) {
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p cp.async.cg.shared.global [%0], [%1], 16;\n}\n" ::"r"(dst),
+      "l"(src), "r"(static_cast<int>(pred)));
+}
+// 4-byte global -> shared copy (both addresses 4-byte aligned), issued only where pred.
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, bool pred = true) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p cp.async.ca.shared.global [%0], [%1], 4;\n}\n" ::"r"(dst),
       "l"(src), "r"(static_cast<int>(pred)));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }

@@ -213,10 +213,6 @@ __device__ __forceinline__ void warpgroup_reg_alloc() {
 #define SAMOYEDS_WG_ROWSEL_AHEAD 4
 #endif
 constexpr int kWgRowSelAhead = SAMOYEDS_WG_ROWSEL_AHEAD;
-#ifndef SAMOYEDS_WG_ROWSEL_L2_AHEAD
-#define SAMOYEDS_WG_ROWSEL_L2_AHEAD 4
-#endif
-constexpr int kWgRowSelL2Ahead = SAMOYEDS_WG_ROWSEL_L2_AHEAD;
 constexpr int kWgKB = 2;
 template <bool SAMOYEDS, bool EXPAND = false>
 struct WgTile {
@@ -239,8 +235,9 @@ struct WgTile {
 };
 
 // Ring slot layout (bytes): weights [m-tile][group][k-step][lane] x 16, metadata [m-tile][group][k-step][16] x 4,
-// tokens: 8-token group j at j * kSbo, one 1024-byte 128B-swizzle atom. Per slot one "full" and one "empty"
-// mbarrier.
+// tokens: 8-token group j at j * kSbo, one 1024-byte 128B-swizzle atom; 1:2:V+2:4 with banks also the row
+// selections [warp][group][row half][g] x 8 bytes (the aligned 4-byte word holding the block's first chunk, and
+// the next word). Per slot one "full" and one "empty" mbarrier.
 template <typename T, int G, bool SAMOYEDS, bool EXPAND = false>
 struct WgSmem {
   using Tile = WgTile<SAMOYEDS, EXPAND>;
@@ -250,7 +247,9 @@ struct WgSmem {
   static constexpr uint32_t kSbo = 8 * 128;
   static constexpr uint32_t kBStage = (Tile::kBN / 8) * kSbo;
   static constexpr uint32_t kMOff = Tile::kStages * kAStage, kBOff = kMOff + Tile::kStages * kMStage;
-  static constexpr uint32_t kBarOff = kBOff + Tile::kStages * kBStage;  // full[kStages], empty[kStages]
+  static constexpr uint32_t kRStage = (SAMOYEDS && !EXPAND) ? Tile::kWarps * G * 2 * 8 * 8 : 0;
+  static constexpr uint32_t kROff = kBOff + Tile::kStages * kBStage;
+  static constexpr uint32_t kBarOff = kROff + Tile::kStages * kRStage;  // full[kStages], empty[kStages]
   static constexpr int bytes() { return static_cast<int>(kBarOff + 2 * 8 * Tile::kStages) + 1024; }  // + alignment
 };
 
@@ -333,6 +332,17 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     const int mq4 = p >> 2, m_kk = mq4 % KB, m_g = (mq4 / KB) % G, m_w = mq4 / (KB * G);
     const bool m_ok = mq4 < A_WARPS * G * KB;
     const uint32_t m_dst = smem + L::kMOff + m_w * L::kMWarp + (m_g * KB + m_kk) * 64 + (p & 3) * 16;
+    // Row selections (1:2:V+2:4 with banks): row q = p + 128 i of the item's [warp][group][half][g] rows; per
+    // block the aligned 4-byte word of the row holding the block's first chunk, and for V = 32 (a chunk per k-step)
+    // the next word when the second chunk starts it. The consumers read the bytes from the slot: loaded by each
+    // consumer from global memory one chunk ahead, the proxy fence of every block waited for them (8-10% at
+    // 2048 tokens on an H200).
+    constexpr bool STAGE_RS = SAMOYEDS && !EXPAND;
+    constexpr int RS_COPIES = STAGE_RS ? WARPS * G * 16 / 128 : 0;
+    const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
+    uint32_t rs_dst[RS_COPIES > 0 ? RS_COPIES : 1];
+#pragma unroll
+    for (int i = 0; i < RS_COPIES; ++i) rs_dst[i] = smem + L::kROff + (p + 128 * i) * 8;
     int slot = 0, produced = 0;
     uint32_t empty_parity = 1;  // round r >= 1 of the ring waits for phase r - 1 of the slot's empty barrier
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
@@ -353,6 +363,13 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
       const int a_rows = num_mtiles - mt0 - a_w;  // copy i's m-tile mt0 + a_w + A_STEP i exists iff A_STEP i < a_rows
       const uint4* m_src = reinterpret_cast<const uint4*>(kmeta) + ((stream0 + m_w * G + m_g) * S + m_kk) * 4 + (p & 3);
       const bool m_row = m_ok && mt0 + m_w < num_mtiles;
+      long long rs_row[RS_COPIES > 0 ? RS_COPIES : 1];  // byte offset of the row's chunk 0 in rowsel
+#pragma unroll
+      for (int i = 0; i < RS_COPIES; ++i) {
+        const int q = p + 128 * i, rg = q & 7, rh = (q >> 3) & 1, rgr = (q >> 4) % G, rw = q / (16 * G);
+        const int rmt = min(mt0 + rw, num_mtiles - 1);  // rows of missing m-tiles: any valid row (never used)
+        rs_row[i] = ((static_cast<long long>(expert) * G + rgr) * num_mtiles * 16 + rmt * 16 + rg + 8 * rh) * chunks;
+      }
       const int2 range = split_blocks(total_blk, w.z, work.splits);
       for (int blk = range.x; blk < range.y; ++blk) {
         if (produced >= STAGES) mbar_wait(empty_bar + 8 * slot, empty_parity);
@@ -363,6 +380,17 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
           cp_async_16(a_dst + i * A_STEP * L::kAWarp + slot * L::kAStage, a_src + i * a_step + s0 * 32,
                       a_k && A_STEP * i < a_rows);
         cp_async_16(m_dst + slot * L::kMStage, m_src + s0 * 4, m_row && m_kk < ksteps);
+        if constexpr (STAGE_RS) {
+          const int c0 = s0 >> chunk_shift;
+          const bool second = chunk_shift == 0 && ksteps > 1;  // k-step s0 + 1 starts chunk c0 + 1
+#pragma unroll
+          for (int i = 0; i < RS_COPIES; ++i) {
+            const long long at = rs_row[i] + c0;
+            const uint8_t* word = rowsel + (at & ~3ll);
+            cp_async_4(rs_dst[i] + slot * L::kRStage, word);
+            cp_async_4(rs_dst[i] + slot * L::kRStage + 4, word + 4, second && (at & 3) == 3);
+          }
+        }
         const bool k_ok = blk * KBLK + c * 8 < K;
 #pragma unroll
         for (int q = 0; q < COPIES; ++q)
@@ -418,14 +446,18 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     ExpandedPair rowpair[G];  // EXPAND: the row of each group's pair that the current chunk keeps
     const int run_begin = blk_begin * KB, run_end = min(range.y * KB, S);
     const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
-    RowPairPrefetch<G, kWgRowSelL2Ahead> pairs;  // banks: rows g and g + 8, one chunk ahead
     RowSelRing<G, kWgRowSelAhead> sel;  // EXPAND: row g + 8 * half, kWgRowSelAhead chunks ahead
+    uint32_t rs_mod = 0;  // banks: (row's chunk-0 byte offset) % 4 of rows (group gr, half h) at bits 2 (2 gr + h)
     if constexpr (SAMOYEDS) {
       const long long first_row = static_cast<long long>(expert) * G * num_mtiles * 16 + mt_load * 16 + g;
       if constexpr (EXPAND) {
         sel.begin(rowsel, first_row + 8 * half, num_mtiles * 16, chunks, run_begin, run_end, chunk_shift);
       } else {
-        pairs.begin(rowsel, first_row, num_mtiles * 16, chunks, run_begin, run_end, chunk_shift, nullptr);
+#pragma unroll
+        for (int gr = 0; gr < G; ++gr)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            rs_mod |= static_cast<uint32_t>(((first_row + gr * num_mtiles * 16 + 8 * h) * chunks) & 3) << (2 * (2 * gr + h));
       }
     }
 
@@ -437,6 +469,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
       fence_proxy_async_shared();  // the producer's cp.async (generic proxy) writes, visible to the wgmma
       const uint32_t a_st = a_sm + slot * L::kAStage, m_st = m_sm_r + slot * L::kMStage;
       const uint32_t b_st = smem + L::kBOff + slot * L::kBStage;
+      // banks: this thread's row selections in the slot: [warp][group][half][g] x 8 bytes
+      const uint32_t rs_st = smem + L::kROff + slot * L::kRStage + (warp * G * 2 * 8 + g) * 8;
       const int s0 = (blk_begin + blk) * KB;
 #pragma unroll
       for (int kk = 0; kk < KB; ++kk) {
@@ -472,10 +506,19 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
       auto chunk_start = [&](int s) {
         if constexpr (SAMOYEDS && !EXPAND) {
           if (s == run_begin || (s & ((1 << chunk_shift) - 1)) == 0) {
+            bool want[G][2];  // the chunk's row of each pair, from the slot (the producer copied it)
+            const int c0 = s0 >> chunk_shift, delta = (s >> chunk_shift) - c0;
+#pragma unroll
+            for (int gr = 0; gr < G; ++gr)
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const uint32_t off = (((rs_mod >> (2 * (2 * gr + h))) + c0) & 3) + delta;
+                want[gr][h] = lds_u8(rs_st + ((gr * 2 + h) * 8) * 8 + off) != 0;
+              }
             wgmma_commit();
             wgmma_wait<0>();
             // w2: the in-place swap keeps ptxas from serialising the wgmmas (w13 would need 255 registers then)
-            pairs.enter_chunk<NT, G == 1>(acc, state, s, chunk_shift, run_end, nullptr, nt_active);
+            select_banks<G, NT, G == 1>(acc, state, want, nt_active);
             wgmma_fence();
           }
         }
