@@ -19,12 +19,18 @@
 // cp.async writes are generic-proxy writes that wgmma reads through the async proxy), loads the block's A and
 // metadata into registers, wgmma.fence, issues, commits, waits for all but this block (wait_group 1) and releases
 // the block before on its slot's "empty" mbarrier.
-// 1:2:V+2:4 (SAMOYEDS) runs 64-token tiles: two accumulator banks of 64 tokens for gate and up take 128
-// registers (216 in all). The row-pair banks are swapped as in the sm80 kernel (select_banks) at chunk starts,
-// after wgmma.wait_group 0 and before a wgmma.fence; in w2 in place (one asm statement per pair), which keeps
-// ptxas from serialising its wgmmas. ptxas serialises the w13 wgmmas (C7511: registers): the w13 form it does not
-// serialise (in-place swap, one A register set, token rows re-read from shared memory; 255 registers) measured
-// 5-13% slower on an H200 (docs/HOPPER_PREFILL_NOTES.md, section 8).
+// 1:2:V+2:4 (SAMOYEDS) runs 64-token tiles, in one of two forms (moe_dual_sparse.cu picks by V):
+//   banks   two accumulator banks of 64 tokens for gate and up take 128 registers (216 in all). The row-pair banks
+//           are swapped as in the sm80 kernel (select_banks) at chunk starts, after wgmma.wait_group 0 and before
+//           a wgmma.fence; in w2 in place (one asm statement per pair), which keeps ptxas from serialising its
+//           wgmmas. ptxas serialises the w13 wgmmas (C7511: registers): the w13 form it does not serialise
+//           (in-place swap, one A register set, token rows re-read from shared memory; 255 registers) measured
+//           5-13% slower on an H200 (docs/HOPPER_PREFILL_NOTES.md, section 8). The producer copies each block's
+//           row selections into the slot (the consumers' own one-chunk-ahead global loads were waited for by
+//           every block's proxy fence: 2-5% slower).
+//   EXPAND  (V = 32, a chunk start at every k-step) two warps share a stored m-tile and expand its row pairs in
+//           registers into 16-output-row A fragments (ExpandedPair): no banks, no drains, twice the MMAs
+//           (section 10 of the notes).
 #pragma once
 
 #include <type_traits>
