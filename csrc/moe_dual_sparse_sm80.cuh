@@ -275,7 +275,7 @@ __device__ __forceinline__ void select_banks(float (&acc)[2][G][NT][4], bool (&s
   }
 }
 
-// The row selections of a warp's NS streams (rows g and g + 8 of each) for the pipelined and wgmma.sp kernels,
+// The row selections of a warp's NS streams (rows g and g + 8 of each) for the pipelined kernels,
 // loaded one chunk ahead so their latency hides behind a chunk of MMAs. Stream gr's byte of row half h and
 // chunk c is base[c + gr * stream_stride + h * half_stride]; a stream with ok[gr] false reads as 0 (ok = nullptr:
 // every stream is read).
@@ -355,12 +355,13 @@ struct RowSelRing {
   }
 };
 
-// 1:2:V+2:4 row pairs expanded in registers (EXPAND, the wgmma.sp kernels for V = 32: moe_dual_sparse.cu). Two warps share a stored m-tile:
-// warp half h takes its stored rows 8h..8h+7 (pairs P = 16 mt + 8h + g) and builds from each k-step's stored A
-// fragment a fragment of 16 *output* rows, row g = even row 2P and row g + 8 = odd row 2P + 1; the row of the pair
-// that the chunk does not keep gets zero values and valid dummy metadata (positions 0, 1 of every group). The
-// accumulators are then output rows as for 2:4: no banks, no swaps, no drained pipeline at chunk starts, for
-// twice the MMAs per stored byte. (On the mma.sp kernels that doubling made it 1.65x slower at decode, acb84af.)
+// 1:2:V+2:4 row pairs expanded in registers (EXPAND: the wgmma.sp kernels for V = 32, see moe_dual_sparse.cu).
+// Two warps share a stored m-tile: warp half h takes its stored rows 8h..8h+7 (pairs P = 16 mt + 8h + g) and
+// builds from each k-step's stored A fragment a fragment of 16 *output* rows, row g = even row 2P and row g + 8 =
+// odd row 2P + 1; the row of the pair that the chunk does not keep gets zero values and valid dummy metadata
+// (positions 0, 1 of every group). The accumulators are then output rows as for 2:4: no banks, no swaps, no
+// drained pipeline at chunk starts, for twice the MMAs per stored byte. (On the mma.sp kernels that doubling made
+// it 1.65x slower at decode, acb84af.)
 struct ExpandedPair {
   uint32_t keep_odd = 0;        // all ones where the chunk keeps the odd row of the pair
   uint32_t meta_sel = 0x5410u;  // byte_perm selector: the stored metadata to the even (low) or odd (high) half

@@ -341,8 +341,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     // Row selections (1:2:V+2:4 with banks): row q = p + 128 i of the item's [warp][group][half][g] rows; per
     // block the aligned 4-byte word of the row holding the block's first chunk, and for V = 32 (a chunk per k-step)
     // the next word when the second chunk starts it. The consumers read the bytes from the slot: loaded by each
-    // consumer from global memory one chunk ahead, the proxy fence of every block waited for them (8-10% at
-    // 2048 tokens on an H200).
+    // consumer from global memory one chunk ahead, the proxy fence of every block waited for them (2-5%
+    // slower on an H200).
     constexpr bool STAGE_RS = SAMOYEDS && !EXPAND;
     constexpr int RS_COPIES = STAGE_RS ? WARPS * G * 16 / 128 : 0;
     const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
@@ -447,7 +447,7 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     float* flat = &acc[0][0][0][0];
 #pragma unroll
     for (int i = 0; i < BANKS * G * NT * 4; ++i) flat[i] = 0.f;
-    // 1:2:V+2:4 row pairs (select_banks): the bank state and the row selections of the next chunk.
+    // 1:2:V+2:4 row pairs: the bank state (select_banks), or the expanded pairs and their row selections.
     bool state[G][2] = {};
     ExpandedPair rowpair[G];  // EXPAND: the row of each group's pair that the current chunk keeps
     const int run_begin = blk_begin * KB, run_end = min(range.y * KB, S);
@@ -463,7 +463,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
         for (int gr = 0; gr < G; ++gr)
 #pragma unroll
           for (int h = 0; h < 2; ++h)
-            rs_mod |= static_cast<uint32_t>(((first_row + gr * num_mtiles * 16 + 8 * h) * chunks) & 3) << (2 * (2 * gr + h));
+            rs_mod |= static_cast<uint32_t>(((first_row + gr * num_mtiles * 16 + 8 * h) * chunks) & 3)
+                      << (2 * (2 * gr + h));
       }
     }
 
