@@ -270,34 +270,9 @@ struct WgWork {
   }
 };
 
-// The CTA's k-th work item: items blockIdx.x, + gridDim.x, ... in whole rounds of the grid; the last, partial
-// round's items are split in two halves, one per consumer warpgroup (CTA b: half b % 2 of item b / 2), when that
-// fits in the grid (HALVES: two consumer warpgroups). A half item streams half the weights, so the round that
-// left most CTAs idle takes about half as long: Mixtral-8x7B w13 at 128 tokens has 448 items for 132 CTAs.
-// half = -1: the whole item. Returns false past the CTA's last item.
-template <bool HALVES>
-__device__ __forceinline__ bool wg_item(int k, int items, int& item, int& half) {
-  const int grid = gridDim.x, b = blockIdx.x;
-  const int full = items / grid, rem = items - full * grid;
-  half = -1;
-  if (k < full) {
-    item = k * grid + b;
-    return true;
-  }
-  if (k > full || rem == 0) return false;
-  if (HALVES && 2 * rem <= grid) {
-    if (b >= 2 * rem) return false;
-    item = full * grid + (b >> 1);
-    half = b & 1;
-    return true;
-  }
-  item = full * grid + b;
-  return b < rem;
-}
-
-// Persistent and warp-specialised. Each CTA walks the work items blockIdx.x, + gridDim.x, ... (wg_item: the last
-// round in halves); one ring runs through all of them, so the producer fills the next item's first slots while
-// the consumers finish the last one (epilogue included).
+// Persistent and warp-specialised. Each CTA walks the work items blockIdx.x, + gridDim.x, ...; one ring runs
+// through all of them, so the producer fills the next item's first slots while the consumers finish the last
+// one (epilogue included).
 //   producer warpgroup (the last one; setmaxnreg gives its registers to the consumers): gathers the tile's
 //     token rows and copies the weights and metadata of every consumer warp, all by cp.async (16 B each; tokens
 //     128-byte-swizzled as above), then one cp.async.mbarrier.arrive.noinc per thread on the slot's "full"
@@ -321,8 +296,6 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
   constexpr int NT = BN / 8, KB = kWgKB, STAGES = Tile::kStages;
   constexpr int BANKS = (SAMOYEDS && !EXPAND) ? 2 : 1;
   constexpr int KBLK = L::kKBlk;
-  constexpr bool kHalves = Tile::kGroups == 2;       // the last round's items split per warpgroup (wg_item)
-  constexpr int A_PER_WG = A_WARPS / Tile::kGroups;  // A regions (stored m-tiles) of one consumer warpgroup
   static_assert(KBLK * sizeof(T) == 128, "a slot holds one 128-byte row per token");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int tiles = *num_tiles;
@@ -378,12 +351,9 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     for (int i = 0; i < RS_COPIES; ++i) rs_dst[i] = smem + L::kROff + (p + 128 * i) * 8;
     int slot = 0, produced = 0;
     uint32_t empty_parity = 1;  // round r >= 1 of the ring waits for phase r - 1 of the slot's empty barrier
-    int item, item_half;
-    for (int k = 0; wg_item<kHalves>(k, items, item, item_half); ++k) {
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {
       const int3 w = work.at(item, tiles);
       const int expert = tile_expert[w.x];
-      // a half item: only the operands of consumer warpgroup item_half (A regions r with r / A_PER_WG == half)
-      auto wanted = [&](int region) { return item_half < 0 || region / A_PER_WG == item_half; };
       int tok_row[COPIES];  // activation row, -1 for padding
 #pragma unroll
       for (int i = 0; i < COPIES; ++i) {
@@ -414,8 +384,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
 #pragma unroll
         for (int i = 0; i < A_COPIES; ++i)
           cp_async_16(a_dst + i * A_STEP * L::kAWarp + slot * L::kAStage, a_src + i * a_step + s0 * 32,
-                      a_k && A_STEP * i < a_rows && wanted(a_w + A_STEP * i));
-        cp_async_16(m_dst + slot * L::kMStage, m_src + s0 * 4, m_row && m_kk < ksteps && wanted(m_w));
+                      a_k && A_STEP * i < a_rows);
+        cp_async_16(m_dst + slot * L::kMStage, m_src + s0 * 4, m_row && m_kk < ksteps);
         if constexpr (STAGE_RS) {
           const int c0 = s0 >> chunk_shift;
           const bool second = chunk_shift == 0 && ksteps > 1;  // k-step s0 + 1 starts chunk c0 + 1
@@ -423,9 +393,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
           for (int i = 0; i < RS_COPIES; ++i) {
             const long long at = rs_row[i] + c0;
             const uint8_t* word = rowsel + (at & ~3ll);
-            const bool mine = wanted((p + 128 * i) / (16 * G));  // row q's warp = its A region
-            cp_async_4(rs_dst[i] + slot * L::kRStage, word, mine);
-            cp_async_4(rs_dst[i] + slot * L::kRStage + 4, word + 4, mine && second && (at & 3) == 3);
+            cp_async_4(rs_dst[i] + slot * L::kRStage, word);
+            cp_async_4(rs_dst[i] + slot * L::kRStage + 4, word + 4, second && (at & 3) == 3);
           }
         }
         const bool k_ok = blk * KBLK + c * 8 < K;
@@ -457,21 +426,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
   auto release = [&](int s) { mbar_arrive(empty_bar + 8 * s, lane == 0); };
   uint4 a[2][KB][G];
   uint32_t meta[2][KB][G];
-  int item, item_half;
-  for (int k = 0; wg_item<kHalves>(k, items, item, item_half); ++k) {
+  for (int item = blockIdx.x; item < items; item += gridDim.x) {
     const int3 w = work.at(item, tiles);
-    const int2 range = split_blocks(total_blk, w.z, work.splits);
-    if (item_half >= 0 && item_half != wg) {  // the other warpgroup's half: pass its slots through
-      for (int blk = range.x; blk < range.y; ++blk) {
-        mbar_wait(full_bar + 8 * slot, parity);
-        release(slot);
-        if (++slot == STAGES) {
-          slot = 0;
-          parity ^= 1;
-        }
-      }
-      continue;
-    }
     const int tile = w.x, expert = tile_expert[tile];
     const int mt = w.y * A_WARPS + a_slot;
     // wgmma is warpgroup-wide: a warp past the last m-tile still runs it (on clamped, valid weights) and skips
@@ -484,6 +440,7 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     for (int i = 0; i < BN / 32; ++i)
       valid += __popc(__ballot_sync(0xffffffffu, sorted_pairs[tile * BN + 32 * i + lane] >= 0));
     const int nt_active = (valid + 7) >> 3;
+    const int2 range = split_blocks(total_blk, w.z, work.splits);
     const int blk_begin = range.x, nblk = range.y - range.x;
 
     float acc[BANKS][G][NT][4];
