@@ -180,7 +180,7 @@ void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t str
 }
 
 // Hopper path (moe_wgmma_sp_sm90.cuh): a persistent grid of WgTile::kCtasPerSm CTAs per SM (at most one per work
-// item) over the (token tile, WgTile<SAMOYEDS>::kWarps m-tiles, K split) work items.
+// item) over the (token tile, WgTile::kAWarps m-tiles, K split) work items.
 template <typename T, int G, bool SAMOYEDS, bool EXPAND>
 void launch_wgmma(const GemmArgs& a, int splits, int device, cudaStream_t stream, const char* what) {
   using Tile = WgTile<SAMOYEDS, EXPAND>;
@@ -248,7 +248,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   const bool pipelined2 = DENSE || NT > 1 || inter / 32 < kSplitKMinSteps;
   // w2 K splits (pipelined and wgmma.sp kernels): ~16 CTAs (wgmma.sp: work items) per SM in total (wgmma.sp: ~2
   // per persistent CTA), >= 64 k-steps per split, at most 8.
-  using Wg = WgTile<SAMOYEDS, EXPAND && SAMOYEDS>;
+  using Wg = WgTile<SAMOYEDS, EXPAND>;
   static_assert(!WGMMA || (NT * 8 == Wg::kBN && !DENSE), "the wgmma path runs WgTile's token tiles");
   static_assert(!EXPAND || (WGMMA && SAMOYEDS), "EXPAND: 1:2:V+2:4 on the wgmma path");
   int splits = 1;
