@@ -100,24 +100,16 @@ int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   return (v != nullptr && *v != '\0') ? std::atoi(v) : fallback;
 }
-// What the launch path needs to know of a device, asked once per device (it runs for every MoE layer call).
-struct DeviceInfo {
-  int sms;         // streaming multiprocessors
-  int capability;  // 10 * major + minor
-};
-DeviceInfo device_info(int device) {
-  static std::array<std::atomic<long long>, 64> cache{};  // sms << 32 | capability; 0 = not asked yet
+// Streaming multiprocessors of a device, asked once per device (the launch path runs for every MoE layer call).
+int sm_count(int device) {
+  static std::array<std::atomic<int>, 64> cache{};
   const bool cached = device >= 0 && device < static_cast<int>(cache.size());
-  long long packed = cached ? cache[device].load(std::memory_order_relaxed) : 0;
-  if (packed == 0) {
-    int sms = 0, major = 0, minor = 0;
+  int sms = cached ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (sms == 0) {
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-    packed = (static_cast<long long>(sms) << 32) | (10 * major + minor);
-    if (cached) cache[device].store(packed, std::memory_order_relaxed);
+    if (cached) cache[device].store(sms, std::memory_order_relaxed);
   }
-  return {static_cast<int>(packed >> 32), static_cast<int>(packed & 0xffffffff)};
+  return sms;
 }
 int forced_token_tile() {
   static const int v = env_int("SAMOYEDS_TOKEN_TILE", 0);
@@ -197,7 +189,7 @@ void launch_wgmma(const GemmArgs& a, int splits, int device, cudaStream_t stream
   reserve_dynamic_smem<kernel>(smem, what);
   const WgWork work{(a.num_mtiles + Tile::kAWarps - 1) / Tile::kAWarps, splits};
   const long long items = static_cast<long long>(a.max_tiles) * work.mgroups * work.splits;  // >= the real count
-  const long long slots = static_cast<long long>(device_info(device).sms) * Tile::kCtasPerSm;
+  const long long slots = static_cast<long long>(sm_count(device)) * Tile::kCtasPerSm;
   const int grid = static_cast<int>(std::min(items, slots));
   kernel<<<grid, Tile::kThreads, smem, stream>>>(static_cast<const T*>(a.act), static_cast<const uint4*>(a.values),
                                                  static_cast<const uint32_t*>(a.meta), a.rowsel, a.sorted_pairs,
@@ -222,7 +214,10 @@ enum class WgPath { kNone, kBanks, kExpand };
 WgPath wgmma_path(double pairs_per_expert, int chunk, int device) {
   static const int mode = env_int("SAMOYEDS_WGMMA", 1), expand = env_int("SAMOYEDS_WG_EXPAND", 1);
   if (mode == 0) return WgPath::kNone;
-  if (device_info(device).capability != 90) return WgPath::kNone;
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (major != 9 || minor != 0) return WgPath::kNone;
   const bool samoyeds = chunk != 0;
   const double min_pairs = chunk >= 128 ? kWgmmaMinPairsLongChunks : kWgmmaMinPairs;
   if (mode == 1 && pairs_per_expert < min_pairs) return WgPath::kNone;
@@ -264,7 +259,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
     const int ctas_per_sm = WGMMA ? 2 * Wg::kCtasPerSm : 16;
     const int total_blk = (inter / 32 + kb - 1) / kb;
     const int ctas = max_tiles * ((mt2 + mtiles_per_cta - 1) / mtiles_per_cta);
-    const int sms = device_info(x.get_device()).sms;
+    const int sms = sm_count(x.get_device());
     splits = std::max(1, std::min({8, total_blk * kb / 64, (ctas_per_sm * sms + ctas - 1) / ctas}));
   }
 
