@@ -181,11 +181,11 @@ void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t str
 
 // Hopper path (moe_wgmma_sp_sm90.cuh): a persistent grid of WgTile::kCtasPerSm CTAs per SM (at most one per work
 // item) over the (token tile, WgTile::kAWarps m-tiles, K split) work items.
-template <typename T, int G, bool SAMOYEDS, bool EXPAND>
+template <typename T, int G, bool SAMOYEDS, bool EXPAND, int BN>
 void launch_wgmma(const GemmArgs& a, int splits, int device, cudaStream_t stream, const char* what) {
-  using Tile = WgTile<SAMOYEDS, EXPAND>;
-  constexpr auto kernel = moe_wgmma_sp_kernel<T, G, SAMOYEDS, EXPAND>;
-  constexpr int smem = WgSmem<T, G, SAMOYEDS, EXPAND>::bytes();
+  using Tile = WgTile<SAMOYEDS, EXPAND, BN>;
+  constexpr auto kernel = moe_wgmma_sp_kernel<T, G, SAMOYEDS, EXPAND, BN>;
+  constexpr int smem = WgSmem<T, G, SAMOYEDS, EXPAND, BN>::bytes();
   reserve_dynamic_smem<kernel>(smem, what);
   const WgWork work{(a.num_mtiles + Tile::kAWarps - 1) / Tile::kAWarps, splits};
   const long long items = static_cast<long long>(a.max_tiles) * work.mgroups * work.splits;  // >= the real count
@@ -201,15 +201,15 @@ void launch_wgmma(const GemmArgs& a, int splits, int device, cudaStream_t stream
 // The wgmma path (capability 9.0; the JIT build targets sm_90a there) takes the calls where an expert gets
 // >= kWgmmaMinPairs pairs on average, and 1:2:V+2:4 with V >= 128 from kWgmmaMinPairsLongChunks. H200 crossovers
 // (benchmarks/results/wgmma_crossover_*.json and kernel_tuning_*.json): 2:4 on mma.sp up to 48 pairs per expert
-// (wgmma.sp 0.73-0.90x there, 1.11-1.33x at 64, 1.1-1.7x beyond); 1:2:128+2:4 on mma.sp at 16 pairs per expert
-// (wgmma.sp 14-18% slower on Mixtral-8x7B, Qwen3-30B-A3B and OLMoE shapes), on wgmma.sp from 32 on (Mixtral 128
-// tokens 299-310 vs 317 us, OLMoE 256 tokens 118-122 vs 131 us, Qwen3-30B-A3B 512 tokens 180-184 vs 187 us);
+// (wgmma.sp 0.73-0.90x there, 1.11-1.33x at 64, 1.1-1.7x beyond); 1:2:128+2:4 on wgmma.sp from 16 pairs per
+// expert, with the token tile of wg_bank_tile (at 16 on 32-token tiles: Mixtral-8x7B 237-256 vs 254 us on mma.sp,
+// Qwen3-30B-A3B 138 vs 140, OLMoE 93 vs 91; at 8 mma.sp is 3-10% faster; the 64-token tiles lost by 14-18% at 16);
 // 1:2:32+2:4 at 32 pairs per expert equal or 6% slower on wgmma.sp. 1:2:32+2:4 runs with its row pairs expanded in
 // registers (EXPAND): V = 32 starts a chunk at every k-step, where the accumulator banks drain the wgmma pipeline
 // (EXPAND 3-9% faster at 256-8192 tokens; with V = 128 20-40% slower, and at decode slower for every V).
 // SAMOYEDS_WGMMA (samoyeds_vllm/envs.py): 1 (default) by that rule, 0 never, 2 for every call (tests);
 // SAMOYEDS_WG_EXPAND: 1 (default) for V = 32, 0 never, 2 for every 1:2:V+2:4 call on the wgmma path (tests).
-constexpr double kWgmmaMinPairs = 64.0, kWgmmaMinPairsLongChunks = 24.0;
+constexpr double kWgmmaMinPairs = 64.0, kWgmmaMinPairsLongChunks = 16.0;
 enum class WgPath { kNone, kBanks, kExpand };
 WgPath wgmma_path(double pairs_per_expert, int chunk, int device) {
   static const int mode = env_int("SAMOYEDS_WGMMA", 1), expand = env_int("SAMOYEDS_WG_EXPAND", 1);
@@ -222,6 +222,20 @@ WgPath wgmma_path(double pairs_per_expert, int chunk, int device) {
   const double min_pairs = chunk >= 128 ? kWgmmaMinPairsLongChunks : kWgmmaMinPairs;
   if (mode == 1 && pairs_per_expert < min_pairs) return WgPath::kNone;
   return (samoyeds && (expand == 2 || (expand == 1 && chunk == 32))) ? WgPath::kExpand : WgPath::kBanks;
+}
+
+// Token tile of the 1:2:V+2:4 bank kernels on the wgmma path, by the pairs p an expert gets on average: 32 while
+// p + 2 sd (of a Poisson count) fits, then 48, then 64. Narrower tiles issue narrower wgmmas and hold fewer
+// accumulators (two banks of BN / 2 per group and thread: below 64 tokens ptxas no longer serialises the w13
+// wgmmas). H200, 1:2:128+2:4 (benchmarks/results/kernel_tuning_*.json): at p = 16 BN 32 beat mma.sp by 7% on
+// Mixtral-8x7B (OLMoE -2%, Qwen3-30B-A3B +1%); at p = 32 BN 48 beat 32 and 64 by 4-12% on all three shapes (Mixtral
+// 128 tokens 260 vs 283 and 289 µs); at p = 64 BN 64 beat 48 on OLMoE by 5% (Mixtral -2%).
+// SAMOYEDS_WG_TOKEN_TILE=32|48|64 forces one (tests, tuning).
+int wg_bank_tile(double pairs_per_expert) {
+  static const int forced = env_int("SAMOYEDS_WG_TOKEN_TILE", 0);
+  if (forced == 32 || forced == 48 || forced == 64) return forced;
+  const double busy = pairs_per_expert + 2.0 * std::sqrt(pairs_per_expert);
+  return busy <= 32.0 ? 32 : busy <= 48.0 ? 48 : 64;
 }
 
 // DENSE: the fusion control (moe_dense_prepacked): dense kernel-layout weights, no metadata (w13_meta and
@@ -248,8 +262,9 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   const bool pipelined2 = DENSE || NT > 1 || inter / 32 < kSplitKMinSteps;
   // w2 K splits (pipelined and wgmma.sp kernels): ~16 CTAs (wgmma.sp: work items) per SM in total (wgmma.sp: ~2
   // per persistent CTA), >= 64 k-steps per split, at most 8.
-  using Wg = WgTile<SAMOYEDS, EXPAND>;
-  static_assert(!WGMMA || (NT * 8 == Wg::kBN && !DENSE), "the wgmma path runs WgTile's token tiles");
+  constexpr int kWgBN = WGMMA ? (SAMOYEDS && !EXPAND ? BN : WgTile<SAMOYEDS, EXPAND>::kBN) : 0;
+  using Wg = WgTile<SAMOYEDS, EXPAND, kWgBN>;
+  static_assert(!WGMMA || (BN == Wg::kBN && !DENSE), "the wgmma path runs WgTile's token tiles");
   static_assert(!EXPAND || (WGMMA && SAMOYEDS), "EXPAND: 1:2:V+2:4 on the wgmma path");
   int splits = 1;
   if (pipelined2) {
@@ -292,7 +307,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
                tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), nullptr, intermediate.data_ptr(),
                hidden, mt13, chunk_shift, topk, inter, num_pairs, max_tiles};
   if constexpr (WGMMA) {
-    launch_wgmma<T, 2, SAMOYEDS, EXPAND>(a13, 1, x.get_device(), stream, "w13 GEMM + SwiGLU (wgmma)");
+    launch_wgmma<T, 2, SAMOYEDS, EXPAND, kWgBN>(a13, 1, x.get_device(), stream, "w13 GEMM + SwiGLU (wgmma)");
   } else {
     launch_gemm<T, 2, NT, SAMOYEDS, DENSE>(a13, pipelined13, 1, stream, "w13 GEMM + SwiGLU");
   }
@@ -301,7 +316,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
               tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(), weights.data_ptr<float>(),
               slot_out.data_ptr(), inter, mt2, chunk_shift, topk, hidden, num_pairs, max_tiles};
   if constexpr (WGMMA) {
-    launch_wgmma<T, 1, SAMOYEDS, EXPAND>(a2, splits, x.get_device(), stream, "w2 GEMM + routing weight (wgmma)");
+    launch_wgmma<T, 1, SAMOYEDS, EXPAND, kWgBN>(a2, splits, x.get_device(), stream, "w2 GEMM + routing weight (wgmma)");
   } else {
     launch_gemm<T, 1, NT, SAMOYEDS, DENSE>(a2, pipelined2, splits, stream, "w2 GEMM + routing weight");
   }
@@ -356,9 +371,19 @@ void dispatch_tiles(const RoutingInputs& r, const at::Tensor& topk_weights, cons
       }
     }
     if (path != WgPath::kNone) {
-      launch_moe<T, WgTile<SAMOYEDS>::kBN / 8, SAMOYEDS, DENSE, true>(r.x, topk_weights, r.ids, w13_values, w13_meta,
-                                                                      w13_rowsel, w2_values, w2_meta, w2_rowsel, chunk,
-                                                                      r.map_ptr, out);
+      auto run_wg = [&](auto nt) {
+        launch_moe<T, decltype(nt)::value, SAMOYEDS, DENSE, true>(r.x, topk_weights, r.ids, w13_values, w13_meta,
+                                                                 w13_rowsel, w2_values, w2_meta, w2_rowsel, chunk,
+                                                                 r.map_ptr, out);
+      };
+      if constexpr (SAMOYEDS) {
+        const int bn = wg_bank_tile(pairs_per_expert);
+        if (bn == 32) run_wg(std::integral_constant<int, 4>{});
+        if (bn == 48) run_wg(std::integral_constant<int, 6>{});
+        if (bn == 64) run_wg(std::integral_constant<int, 8>{});
+      } else {
+        run_wg(std::integral_constant<int, WgTile<false>::kBN / 8>{});
+      }
       return;
     }
   }

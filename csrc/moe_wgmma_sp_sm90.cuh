@@ -19,15 +19,16 @@
 // cp.async writes are generic-proxy writes that wgmma reads through the async proxy), loads the block's A and
 // metadata into registers, wgmma.fence, issues, commits, waits for all but this block (wait_group 1) and releases
 // the block before on its slot's "empty" mbarrier.
-// 1:2:V+2:4 (SAMOYEDS) runs 64-token tiles, in one of two forms (moe_dual_sparse.cu picks by V):
-//   banks   two accumulator banks of 64 tokens for gate and up take 128 registers (216 in all). The row-pair banks
-//           are swapped as in the sm80 kernel (select_banks) at chunk starts, after wgmma.wait_group 0 and before
-//           a wgmma.fence; in w2 in place (one asm statement per pair), which keeps ptxas from serialising its
-//           wgmmas. ptxas serialises the w13 wgmmas (C7511: registers): the w13 form it does not serialise
-//           (in-place swap, one A register set, token rows re-read from shared memory; 255 registers) measured
-//           5-13% slower on an H200 (docs/HOPPER_PREFILL_NOTES.md, section 8). The producer copies each block's
-//           row selections into the slot (the consumers' own one-chunk-ahead global loads were waited for by
-//           every block's proxy fence: 2-5% slower).
+// 1:2:V+2:4 (SAMOYEDS) runs in one of two forms (moe_dual_sparse.cu picks by V):
+//   banks   on 32-, 48- or 64-token tiles (moe_dual_sparse.cu picks by the pairs per expert). Two accumulator banks
+//           of 64 tokens for gate and up take 128 registers (216 in all). The row-pair banks are swapped as in the
+//           sm80 kernel (select_banks) at chunk starts, after wgmma.wait_group 0 and before a wgmma.fence; in place
+//           (one asm statement per pair) in w2 and in the 32- and 48-token w13, which keeps ptxas from serialising
+//           their wgmmas. ptxas serialises the 64-token w13 wgmmas (C7511: registers): the form it does not
+//           serialise (in-place swap, one A register set, token rows re-read from shared memory; 255 registers)
+//           measured 5-13% slower on an H200 (docs/HOPPER_PREFILL_NOTES.md, section 8). The producer copies each
+//           block's row selections into the slot (the consumers' own one-chunk-ahead global loads were waited for
+//           by every block's proxy fence: 2-5% slower).
 //   EXPAND  (V = 32, a chunk start at every k-step) two warps share a stored m-tile and expand its row pairs in
 //           registers into 16-output-row A fragments (ExpandedPair): no banks, no drains, twice the MMAs
 //           (section 10 of the notes).
@@ -44,58 +45,77 @@
 namespace samoyeds {
 
 // d[N/2] += A (64 x 32 logical, 2:4-compressed; this warp's 16 rows from registers) * B (32 x N tokens, K-major,
-// through the shared-memory descriptor); f32 accumulate, sparsity selector 0. N = 128 (2:4 tiles) and N = 64
-// (1:2:V+2:4 tiles). One asm template; the accumulator operands come in blocks of 32 (registers %0-%31, %32-%63).
-#define SAMOYEDS_ACC_REGS_0                                                                                           \
-  "%0,%1,%2,%3,%4,%5,%6,%7,"                                                                                          \
-  "%8,%9,%10,%11,%12,%13,%14,%15,"                                                                                    \
-  "%16,%17,%18,%19,%20,%21,%22,%23,"                                                                                  \
-  "%24,%25,%26,%27,%28,%29,%30,%31"
+// through the shared-memory descriptor); f32 accumulate, sparsity selector 0. N = 128 (2:4 tiles) and N = 32, 48,
+// 64 (1:2:V+2:4 tiles). One asm template; the accumulator operands come in blocks of 8 (%0-%7, %8-%15, ...), then
+// A, the descriptor and the metadata.
+#define SAMOYEDS_ACC_REGS_0 "%0,%1,%2,%3,%4,%5,%6,%7"
+#define SAMOYEDS_ACC_REGS_8 "%8,%9,%10,%11,%12,%13,%14,%15"
+#define SAMOYEDS_ACC_REGS_16 "%16,%17,%18,%19,%20,%21,%22,%23"
+#define SAMOYEDS_ACC_REGS_24 "%24,%25,%26,%27,%28,%29,%30,%31"
+#define SAMOYEDS_ACC_REGS_32 "%32,%33,%34,%35,%36,%37,%38,%39"
+#define SAMOYEDS_ACC_REGS_40 "%40,%41,%42,%43,%44,%45,%46,%47"
+#define SAMOYEDS_ACC_REGS_48 "%48,%49,%50,%51,%52,%53,%54,%55"
+#define SAMOYEDS_ACC_REGS_56 "%56,%57,%58,%59,%60,%61,%62,%63"
 #define SAMOYEDS_ACC_OPS_0                                                                                            \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),                                                                     \
-  "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                                                                     \
+  "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+#define SAMOYEDS_ACC_OPS_8                                                                                            \
   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),                                                                   \
-  "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),                                                                 \
+  "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+#define SAMOYEDS_ACC_OPS_16                                                                                           \
   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),                                                                 \
-  "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),                                                                 \
+  "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23])
+#define SAMOYEDS_ACC_OPS_24                                                                                           \
   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),                                                                 \
   "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-#define SAMOYEDS_ACC_REGS_32                                                                                          \
-  "%32,%33,%34,%35,%36,%37,%38,%39,"                                                                                  \
-  "%40,%41,%42,%43,%44,%45,%46,%47,"                                                                                  \
-  "%48,%49,%50,%51,%52,%53,%54,%55,"                                                                                  \
-  "%56,%57,%58,%59,%60,%61,%62,%63"
 #define SAMOYEDS_ACC_OPS_32                                                                                           \
   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),                                                                 \
-  "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),                                                                 \
+  "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+#define SAMOYEDS_ACC_OPS_40                                                                                           \
   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),                                                                 \
-  "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),                                                                 \
+  "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+#define SAMOYEDS_ACC_OPS_48                                                                                           \
   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),                                                                 \
-  "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),                                                                 \
+  "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55])
+#define SAMOYEDS_ACC_OPS_56                                                                                           \
   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),                                                                 \
   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
 #define SAMOYEDS_WGMMA_SP_ASM(SHAPE, PTX_TYPE, REGS, TAIL, ...)                                                       \
   asm volatile("wgmma.mma_async.sp.sync.aligned." SHAPE ".f32." PTX_TYPE "." PTX_TYPE " {" REGS "}, " TAIL            \
                : __VA_ARGS__                                                                                          \
                : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(desc), "r"(meta))
+#define SAMOYEDS_WGMMA_SP_N(SHAPE, REGS, TAIL, ...)                                  \
+  if constexpr (kBf16) {                                                          \
+    SAMOYEDS_WGMMA_SP_ASM(SHAPE, "bf16", REGS, TAIL, __VA_ARGS__);                \
+  } else {                                                                        \
+    SAMOYEDS_WGMMA_SP_ASM(SHAPE, "f16", REGS, TAIL, __VA_ARGS__);                 \
+  }
 
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_sp(float (&d)[N / 2], const uint4& a, uint64_t desc, uint32_t meta) {
-  static_assert(N == 64 || N == 128, "the kernels use m64n64k32 and m64n128k32");
+  static_assert(N == 32 || N == 48 || N == 64 || N == 128, "the kernels use m64nNk32 with N = 32, 48, 64, 128");
 #if defined(SAMOYEDS_HAS_WGMMA)
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  if constexpr (N == 64 && kBf16) {
-    SAMOYEDS_WGMMA_SP_ASM("m64n64k32", "bf16", SAMOYEDS_ACC_REGS_0, "{%32,%33,%34,%35}, %36, %37, 0, 1, 1, 1, 0;\n",
-                          SAMOYEDS_ACC_OPS_0);
+  if constexpr (N == 32) {
+    SAMOYEDS_WGMMA_SP_N("m64n32k32", SAMOYEDS_ACC_REGS_0 "," SAMOYEDS_ACC_REGS_8,
+                        "{%16,%17,%18,%19}, %20, %21, 0, 1, 1, 1, 0;\n", SAMOYEDS_ACC_OPS_0, SAMOYEDS_ACC_OPS_8);
+  } else if constexpr (N == 48) {
+    SAMOYEDS_WGMMA_SP_N("m64n48k32", SAMOYEDS_ACC_REGS_0 "," SAMOYEDS_ACC_REGS_8 "," SAMOYEDS_ACC_REGS_16,
+                        "{%24,%25,%26,%27}, %28, %29, 0, 1, 1, 1, 0;\n", SAMOYEDS_ACC_OPS_0, SAMOYEDS_ACC_OPS_8,
+                        SAMOYEDS_ACC_OPS_16);
   } else if constexpr (N == 64) {
-    SAMOYEDS_WGMMA_SP_ASM("m64n64k32", "f16", SAMOYEDS_ACC_REGS_0, "{%32,%33,%34,%35}, %36, %37, 0, 1, 1, 1, 0;\n",
-                          SAMOYEDS_ACC_OPS_0);
-  } else if constexpr (kBf16) {
-    SAMOYEDS_WGMMA_SP_ASM("m64n128k32", "bf16", SAMOYEDS_ACC_REGS_0 "," SAMOYEDS_ACC_REGS_32,
-                          "{%64,%65,%66,%67}, %68, %69, 0, 1, 1, 1, 0;\n", SAMOYEDS_ACC_OPS_0, SAMOYEDS_ACC_OPS_32);
+    SAMOYEDS_WGMMA_SP_N("m64n64k32",
+                        SAMOYEDS_ACC_REGS_0 "," SAMOYEDS_ACC_REGS_8 "," SAMOYEDS_ACC_REGS_16 "," SAMOYEDS_ACC_REGS_24,
+                        "{%32,%33,%34,%35}, %36, %37, 0, 1, 1, 1, 0;\n", SAMOYEDS_ACC_OPS_0, SAMOYEDS_ACC_OPS_8,
+                        SAMOYEDS_ACC_OPS_16, SAMOYEDS_ACC_OPS_24);
   } else {
-    SAMOYEDS_WGMMA_SP_ASM("m64n128k32", "f16", SAMOYEDS_ACC_REGS_0 "," SAMOYEDS_ACC_REGS_32,
-                          "{%64,%65,%66,%67}, %68, %69, 0, 1, 1, 1, 0;\n", SAMOYEDS_ACC_OPS_0, SAMOYEDS_ACC_OPS_32);
+    SAMOYEDS_WGMMA_SP_N("m64n128k32",
+                        SAMOYEDS_ACC_REGS_0 "," SAMOYEDS_ACC_REGS_8 "," SAMOYEDS_ACC_REGS_16 "," SAMOYEDS_ACC_REGS_24
+                        "," SAMOYEDS_ACC_REGS_32 "," SAMOYEDS_ACC_REGS_40 "," SAMOYEDS_ACC_REGS_48
+                        "," SAMOYEDS_ACC_REGS_56,
+                        "{%64,%65,%66,%67}, %68, %69, 0, 1, 1, 1, 0;\n", SAMOYEDS_ACC_OPS_0, SAMOYEDS_ACC_OPS_8,
+                        SAMOYEDS_ACC_OPS_16, SAMOYEDS_ACC_OPS_24, SAMOYEDS_ACC_OPS_32, SAMOYEDS_ACC_OPS_40,
+                        SAMOYEDS_ACC_OPS_48, SAMOYEDS_ACC_OPS_56);
   }
 #endif
 }
@@ -199,10 +219,11 @@ __device__ __forceinline__ void warpgroup_reg_alloc() {
 // m-tiles, one per warp) x BN tokens, plus one producer warpgroup; a ring of kStages slots of kWgKB = 2 k-steps
 // (64 k: one 128-byte swizzled row per token and slot).
 //   2:4        BN 128, 2 consumer warpgroups, SAMOYEDS_WG_STAGES slots.
-//   1:2:V+2:4  BN 64, SAMOYEDS_WG_SAM = consumer warpgroups x 10 + slots: two accumulator banks of 64 tokens per
-//              group (216 registers in w13).
+//   1:2:V+2:4  BN 32, 48 or 64 (the WgTile argument; 0 = 64), SAMOYEDS_WG_SAM = consumer warpgroups x 10 + slots:
+//              two accumulator banks of BN tokens per group (216 registers in the 64-token w13).
 // H200, prefill shapes (kernel_tuning_*.json): 6 slots 1-5% faster than 5, 4 slots 1-10% slower; one consumer
-// warpgroup with two CTAs per SM (SAMOYEDS_WG_SAM=14) no faster for 1:2:V+2:4.
+// warpgroup with two CTAs per SM (SAMOYEDS_WG_SAM=14) no faster for 1:2:V+2:4. Decode shapes, 32- and 48-token
+// tiles: 8 slots, or a 112-register producer, within 2% of 6 slots and 64 registers.
 #ifndef SAMOYEDS_WG_STAGES
 #define SAMOYEDS_WG_STAGES 6
 #endif
@@ -228,10 +249,11 @@ __device__ __forceinline__ void warpgroup_reg_alloc() {
 #endif
 constexpr int kWgRowSelAhead = SAMOYEDS_WG_ROWSEL_AHEAD;
 constexpr int kWgKB = 2;
-template <bool SAMOYEDS, bool EXPAND = false>
+template <bool SAMOYEDS, bool EXPAND = false, int BN = 0>
 struct WgTile {
   static_assert(SAMOYEDS || !EXPAND, "EXPAND is a 1:2:V+2:4 tile");
-  static constexpr int kBN = SAMOYEDS ? 64 : 128;
+  static constexpr int kBN = BN != 0 ? BN : SAMOYEDS ? 64 : 128;
+  static_assert(kBN % 16 == 0 && kBN >= 32 && (kBN <= 64 || !SAMOYEDS), "token tiles: 2:4 128, 1:2:V+2:4 32-64");
   static constexpr int kGroups = EXPAND ? 2 : SAMOYEDS ? SAMOYEDS_WG_SAM / 10 : 2;
   static constexpr int kWarps = 4 * kGroups;          // consumer warps (one m-tile each; EXPAND: half of one)
   static constexpr int kAWarps = EXPAND ? kWarps / 2 : kWarps;  // stored m-tiles per work item
@@ -252,9 +274,9 @@ struct WgTile {
 // tokens: 8-token group j at j * kSbo, one 1024-byte 128B-swizzle atom; 1:2:V+2:4 with banks also the row
 // selections [warp][group][row half][g] x 8 bytes (the aligned 4-byte word holding the block's first chunk, and
 // the next word). Per slot one "full" and one "empty" mbarrier.
-template <typename T, int G, bool SAMOYEDS, bool EXPAND = false>
+template <typename T, int G, bool SAMOYEDS, bool EXPAND = false, int BN = 0>
 struct WgSmem {
-  using Tile = WgTile<SAMOYEDS, EXPAND>;
+  using Tile = WgTile<SAMOYEDS, EXPAND, BN>;
   static constexpr int kKBlk = 32 * kWgKB;
   static constexpr uint32_t kAWarp = kWgKB * G * 512, kMWarp = kWgKB * G * 64;
   static constexpr uint32_t kAStage = Tile::kAWarps * kAWarp, kMStage = Tile::kAWarps * kMWarp;
@@ -289,8 +311,9 @@ struct WgWork {
 //     slot of the block before (retired at wait_group 1) with one arrival per warp on its "empty" barrier; the
 //     last block of an item is released after wait_group 0.
 // (Weights by cp.async.bulk instead, 1 KB per warp and group: 1.5-1.8x slower on an H200.)
-template <typename T, int G, bool SAMOYEDS, bool EXPAND = false>
-__global__ void __launch_bounds__(WgTile<SAMOYEDS, EXPAND>::kThreads, WgTile<SAMOYEDS, EXPAND>::kCtasPerSm)
+template <typename T, int G, bool SAMOYEDS, bool EXPAND = false, int TILE_BN = 0>
+__global__ void __launch_bounds__(WgTile<SAMOYEDS, EXPAND, TILE_BN>::kThreads,
+                                  WgTile<SAMOYEDS, EXPAND, TILE_BN>::kCtasPerSm)
 moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues, const uint32_t* __restrict__ kmeta,
                     const uint8_t* __restrict__ rowsel, const int32_t* __restrict__ sorted_pairs,
                     const int32_t* __restrict__ tile_expert, const int32_t* __restrict__ num_tiles,
@@ -298,8 +321,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
                     int chunk_shift, int topk, int out_ld, int num_pairs,  // G=1: slot_out [splits, pairs, H]
                     WgWork work) {
 #if defined(SAMOYEDS_HAS_WGMMA)
-  using L = WgSmem<T, G, SAMOYEDS, EXPAND>;
-  using Tile = WgTile<SAMOYEDS, EXPAND>;
+  using L = WgSmem<T, G, SAMOYEDS, EXPAND, TILE_BN>;
+  using Tile = WgTile<SAMOYEDS, EXPAND, TILE_BN>;
   constexpr int BN = Tile::kBN, WARPS = Tile::kWarps, A_WARPS = Tile::kAWarps;
   constexpr int NT = BN / 8, KB = kWgKB, STAGES = Tile::kStages;
   constexpr int BANKS = (SAMOYEDS && !EXPAND) ? 2 : 1;
@@ -445,8 +468,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     // n-tiles holding tokens (a tile's pairs come first, then padding)
     int valid = 0;
 #pragma unroll
-    for (int i = 0; i < BN / 32; ++i)
-      valid += __popc(__ballot_sync(0xffffffffu, sorted_pairs[tile * BN + 32 * i + lane] >= 0));
+    for (int i = 0; i < (BN + 31) / 32; ++i)
+      valid += __popc(__ballot_sync(0xffffffffu, 32 * i + lane < BN && sorted_pairs[tile * BN + 32 * i + lane] >= 0));
     const int nt_active = (valid + 7) >> 3;
     const int2 range = split_blocks(total_blk, w.z, work.splits);
     const int blk_begin = range.x, nblk = range.y - range.x;
@@ -532,8 +555,9 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
               }
             wgmma_commit();
             wgmma_wait<0>();
-            // w2: the in-place swap keeps ptxas from serialising the wgmmas (w13 would need 255 registers then)
-            select_banks<G, NT, G == 1>(acc, state, want, nt_active);
+            // In place (w2, and w13 below 64 tokens) it keeps ptxas from serialising the wgmmas; the 64-token w13
+            // would need 255 registers then.
+            select_banks<G, NT, G == 1 || BN < 64>(acc, state, want, nt_active);
             wgmma_fence();
           }
         }

@@ -68,12 +68,13 @@ def test_csrc_compiles_without_spills(tmp_path: Path, arch: str) -> None:
         return
     # C7510-C7518 and C752x: ptxas serialised wgmma (waits after every instruction; C7520: wgmma after a path it
     # takes for divergent, e.g. a C++ retry loop around mbarrier.try_wait); C7519 (an arrive it injects) is benign.
-    # The 1:2:V+2:4 w13 kernels with accumulator banks (<T, 2, true, false>: "Li2ELb1ELb0E") are serialised on
-    # purpose: the alternative measured slower (csrc header). Those with the row pairs expanded ("Li2ELb1ELb1E") not.
+    # The 1:2:V+2:4 w13 kernels with accumulator banks on 64-token tiles (<T, 2, true, false, 64>:
+    # "Li2ELb1ELb0ELi64E") are serialised on purpose: the alternative measured slower (csrc header). Those on 32-
+    # and 48-token tiles and those with the row pairs expanded ("Li2ELb1ELb1E") not.
     serialised = [
         line
         for line in proc.stderr.splitlines()
-        if re.search(r"C75(1[0-8]|2\d)", line) and not re.search(r"moe_wgmma_sp_kernelI\w+?Li2ELb1ELb0E", line)
+        if re.search(r"C75(1[0-8]|2\d)", line) and not re.search(r"moe_wgmma_sp_kernelI\w+?Li2ELb1ELb0ELi64E", line)
     ]
     assert not serialised, serialised[:3]
     cuobjdump = _cuobjdump()
@@ -85,12 +86,14 @@ def test_csrc_compiles_without_spills(tmp_path: Path, arch: str) -> None:
     assert sass.returncode == 0, sass.stderr[-2000:]
     kernels = re.split(r"\n\s*Function : ", sass.stdout)
     wgmma = [k for k in kernels if k.startswith("_ZN8samoyeds19moe_wgmma_sp_kernel")]
-    # bf16/fp16 x w13/w2 x (2:4, 1:2:V+2:4 with banks, 1:2:V+2:4 expanded): <T, G, SAMOYEDS, EXPAND>
-    assert len(wgmma) == 12, f"expected 12 wgmma kernels, found {len(wgmma)}"
-    for body in wgmma:  # 2:4 (SAMOYEDS false, "Lb0E") on 128-token tiles, 1:2:V+2:4 on 64-token tiles
-        flags = re.search(r"Li[12]ELb([01])ELb([01])E", body.splitlines()[0])
+    # bf16/fp16 x w13/w2 x (2:4, 1:2:V+2:4 with banks on 32-, 48- and 64-token tiles, 1:2:V+2:4 expanded):
+    # <T, G, SAMOYEDS, EXPAND, BN>
+    assert len(wgmma) == 20, f"expected 20 wgmma kernels, found {len(wgmma)}"
+    for body in wgmma:  # one m64nBNk32 wgmma.sp per token tile: 2:4 128, 1:2:V+2:4 32, 48, 64
+        flags = re.search(r"Li[12]ELb([01])ELb([01])ELi(\d+)E", body.splitlines()[0])
         assert flags, body.splitlines()[0]
-        n = 64 if flags.group(1) == "1" else 128
+        n = int(flags.group(3))
+        assert n in ((32, 48, 64) if flags.group(1) == "1" else (128,)), body.splitlines()[0]
         # (cuobjdump spells the fp16 form without a type suffix)
         assert len(re.findall(rf"HGMMA\.SP\.64x{n}x32\.F32\b", body)) >= 4, body.splitlines()[0]
         # warp-specialised: the producer warpgroup hands registers to the consumers
