@@ -90,8 +90,8 @@ struct GemmArgs {
 //   split-K kernel  (BN = 8, K >= 2048): 8 warps split K within the CTA, KB = 4 k-steps per load batch.
 //   pipelined kernel (BN = 8 with short K, BN = 16, 32, 64): one m-tile per warp (two in the 64-token 2:4 w2),
 //       a cp.async ring of KB-k-step stages (PipeConfig), long-K w2 GEMMs split over grid.z.
-//   wgmma.sp kernel (moe_wgmma_sp_sm90.cuh; 2:4, BN = 128, capability 9.0): prefill-size calls.
-// The token tile BN = 8 * NT (8, 16, 32, 64; 128 for wgmma.sp) is chosen in dispatch_tiles.
+//   wgmma.sp kernel (moe_wgmma_sp_sm90.cuh; capability 9.0, BN = 32, 48, 64, 128): from 16 pairs per expert.
+// The token tile BN = 8 * NT (8, 16, 32, 64; 48 and 128 for wgmma.sp) is chosen in dispatch_tiles.
 constexpr int kSplitKWarps = 8, kSplitKBlock = 4;
 constexpr int kSplitKMinSteps = 64;  // below 64 k-steps (K < 2048) 8 warps would idle: use the pipelined kernel
 
@@ -199,17 +199,17 @@ void launch_wgmma(const GemmArgs& a, int splits, int device, cudaStream_t stream
 }
 
 // The wgmma path (capability 9.0; the JIT build targets sm_90a there) takes the calls where an expert gets
-// >= kWgmmaMinPairs pairs on average, and 1:2:V+2:4 with V >= 128 from kWgmmaMinPairsLongChunks. H200 crossovers
-// (benchmarks/results/wgmma_crossover_*.json and kernel_tuning_*.json): 2:4 on mma.sp up to 48 pairs per expert
-// (wgmma.sp 0.73-0.90x there, 1.11-1.33x at 64, 1.1-1.7x beyond); 1:2:128+2:4 on wgmma.sp from 16 pairs per
-// expert, with the token tile of wg_bank_tile (at 16 on 32-token tiles: Mixtral-8x7B 237-256 vs 254 us on mma.sp,
-// Qwen3-30B-A3B 138 vs 140, OLMoE 93 vs 91; at 8 mma.sp is 3-10% faster; the 64-token tiles lost by 14-18% at 16);
-// 1:2:32+2:4 at 32 pairs per expert equal or 6% slower on wgmma.sp. 1:2:32+2:4 runs with its row pairs expanded in
-// registers (EXPAND): V = 32 starts a chunk at every k-step, where the accumulator banks drain the wgmma pipeline
-// (EXPAND 3-9% faster at 256-8192 tokens; with V = 128 20-40% slower, and at decode slower for every V).
+// >= kWgmmaMinPairs pairs on average (2:4 and 1:2:V+2:4 with V >= 128), 1:2:V+2:4 with V < 128 from
+// kWgmmaMinPairsShortChunks; wg_token_tile picks the token tile. H200 crossovers (benchmarks/results/
+// kernel_tuning_*.json, runs 23-25; wgmma_crossover_*.json for the 128-token 2:4 tiles): at 16 pairs per expert
+// the 32-token tiles beat mma.sp on Mixtral-8x7B (2:4 399 vs 429 us, 1:2:128+2:4 237-256 vs 254 us) and are within
+// 2% elsewhere (Qwen3-30B-A3B, OLMoE); at 8 mma.sp is 2-10% faster. 1:2:32+2:4 at 32 pairs per expert was equal or
+// 6% slower on wgmma.sp (64-token tiles). 1:2:32+2:4 runs with its row pairs expanded in registers (EXPAND): V = 32
+// starts a chunk at every k-step, where the accumulator banks drain the wgmma pipeline (EXPAND 3-9% faster at
+// 256-8192 tokens; with V = 128 20-40% slower, and at decode slower for every V).
 // SAMOYEDS_WGMMA (samoyeds_vllm/envs.py): 1 (default) by that rule, 0 never, 2 for every call (tests);
 // SAMOYEDS_WG_EXPAND: 1 (default) for V = 32, 0 never, 2 for every 1:2:V+2:4 call on the wgmma path (tests).
-constexpr double kWgmmaMinPairs = 64.0, kWgmmaMinPairsLongChunks = 16.0;
+constexpr double kWgmmaMinPairs = 16.0, kWgmmaMinPairsShortChunks = 64.0;
 enum class WgPath { kNone, kBanks, kExpand };
 WgPath wgmma_path(double pairs_per_expert, int chunk, int device) {
   static const int mode = env_int("SAMOYEDS_WGMMA", 1), expand = env_int("SAMOYEDS_WG_EXPAND", 1);
@@ -219,28 +219,31 @@ WgPath wgmma_path(double pairs_per_expert, int chunk, int device) {
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (major != 9 || minor != 0) return WgPath::kNone;
   const bool samoyeds = chunk != 0;
-  const double min_pairs = chunk >= 128 ? kWgmmaMinPairsLongChunks : kWgmmaMinPairs;
+  const double min_pairs = (samoyeds && chunk < 128) ? kWgmmaMinPairsShortChunks : kWgmmaMinPairs;
   if (mode == 1 && pairs_per_expert < min_pairs) return WgPath::kNone;
   return (samoyeds && (expand == 2 || (expand == 1 && chunk == 32))) ? WgPath::kExpand : WgPath::kBanks;
 }
 
-// Token tile of the 1:2:V+2:4 bank kernels on the wgmma path, by the pairs p an expert gets on average: 32 while
-// p + 2 sd (of a Poisson count) fits, then 48, then 64. Narrower tiles issue narrower wgmmas and hold fewer
-// accumulators (two banks of BN / 2 per group and thread: below 64 tokens ptxas no longer serialises the w13
-// wgmmas). H200, 1:2:128+2:4 (benchmarks/results/kernel_tuning_*.json): at p = 16 BN 32 beat mma.sp by 7% on
-// Mixtral-8x7B (OLMoE -2%, Qwen3-30B-A3B +1%); at p = 32 BN 48 beat 32 and 64 by 4-12% on all three shapes (Mixtral
-// 128 tokens 260 vs 283 and 289 µs); at p = 64 BN 64 beat 48 on OLMoE by 5% (Mixtral -2%).
+// Token tile of the wgmma path (2:4, and 1:2:V+2:4 with accumulator banks) by the pairs p an expert gets on
+// average: 32 while p + 2 sd (of a Poisson count) fits, then 48; beyond, 1:2:V+2:4 64 and 2:4 64 below 64 pairs,
+// 128 from there. Narrower tiles issue narrower wgmmas (m64nBNk32) and hold fewer accumulators (1:2:V+2:4: two
+// banks of BN / 2 per group and thread; below 64 tokens ptxas no longer serialises its w13 wgmmas). H200
+// (kernel_tuning_*.json, runs 23-25), at p = 32 the 48-token tiles beat 32 and 64 on all three shapes: 2:4 Mixtral-
+// 8x7B 128 tokens 410 vs 458 / 413 us (mma.sp 464), 1:2:128+2:4 260 vs 283 / 289 us; at p = 64 2:4 on 128-token tiles
+// beat 64 by 7-10%, and 1:2:128+2:4 on 64-token tiles beat 48 on OLMoE by 5% (Mixtral -2%).
 // SAMOYEDS_WG_TOKEN_TILE=32|48|64 forces one (tests, tuning).
-int wg_bank_tile(double pairs_per_expert) {
+int wg_token_tile(double pairs_per_expert, bool samoyeds) {
   static const int forced = env_int("SAMOYEDS_WG_TOKEN_TILE", 0);
   if (forced == 32 || forced == 48 || forced == 64) return forced;
   const double busy = pairs_per_expert + 2.0 * std::sqrt(pairs_per_expert);
-  return busy <= 32.0 ? 32 : busy <= 48.0 ? 48 : 64;
+  if (busy <= 32.0) return 32;
+  if (busy <= 48.0) return 48;
+  return (samoyeds || pairs_per_expert < 64.0) ? 64 : 128;
 }
 
 // DENSE: the fusion control (moe_dense_prepacked): dense kernel-layout weights, no metadata (w13_meta and
-// w2_meta are not read), always the pipelined kernel. WGMMA: both GEMMs on the Hopper path (BN = WgTile::kBN), with
-// the 1:2:V+2:4 row pairs expanded in registers if EXPAND.
+// w2_meta are not read), always the pipelined kernel. WGMMA: both GEMMs on the Hopper path (BN = 8 NT; EXPAND: 64),
+// with the 1:2:V+2:4 row pairs expanded in registers if EXPAND.
 template <typename T, int NT, bool SAMOYEDS, bool DENSE, bool WGMMA = false, bool EXPAND = false>
 void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                 const at::Tensor& w13_values, const at::Tensor& w13_meta, const at::Tensor* w13_rowsel,
@@ -262,7 +265,7 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   const bool pipelined2 = DENSE || NT > 1 || inter / 32 < kSplitKMinSteps;
   // w2 K splits (pipelined and wgmma.sp kernels): ~16 CTAs (wgmma.sp: work items) per SM in total (wgmma.sp: ~2
   // per persistent CTA), >= 64 k-steps per split, at most 8.
-  constexpr int kWgBN = WGMMA ? (SAMOYEDS && !EXPAND ? BN : WgTile<SAMOYEDS, EXPAND>::kBN) : 0;
+  constexpr int kWgBN = WGMMA ? (EXPAND ? WgTile<true, true>::kBN : BN) : 0;
   using Wg = WgTile<SAMOYEDS, EXPAND, kWgBN>;
   static_assert(!WGMMA || (BN == Wg::kBN && !DENSE), "the wgmma path runs WgTile's token tiles");
   static_assert(!EXPAND || (WGMMA && SAMOYEDS), "EXPAND: 1:2:V+2:4 on the wgmma path");
@@ -376,13 +379,12 @@ void dispatch_tiles(const RoutingInputs& r, const at::Tensor& topk_weights, cons
                                                                  w13_rowsel, w2_values, w2_meta, w2_rowsel, chunk,
                                                                  r.map_ptr, out);
       };
-      if constexpr (SAMOYEDS) {
-        const int bn = wg_bank_tile(pairs_per_expert);
-        if (bn == 32) run_wg(std::integral_constant<int, 4>{});
-        if (bn == 48) run_wg(std::integral_constant<int, 6>{});
-        if (bn == 64) run_wg(std::integral_constant<int, 8>{});
-      } else {
-        run_wg(std::integral_constant<int, WgTile<false>::kBN / 8>{});
+      const int bn = wg_token_tile(pairs_per_expert, SAMOYEDS);
+      if (bn == 32) run_wg(std::integral_constant<int, 4>{});
+      if (bn == 48) run_wg(std::integral_constant<int, 6>{});
+      if (bn == 64) run_wg(std::integral_constant<int, 8>{});
+      if constexpr (!SAMOYEDS) {
+        if (bn == 128) run_wg(std::integral_constant<int, 16>{});
       }
       return;
     }

@@ -1,5 +1,5 @@
-// Hopper (sm_90a) grouped sparse MoE GEMM with wgmma.mma_async.sp, for prefill-size token tiles (2:4 and
-// 1:2:V+2:4).
+// Hopper (sm_90a) grouped sparse MoE GEMM with wgmma.mma_async.sp (2:4 and 1:2:V+2:4), for 16 or more tokens per
+// expert: 32- and 48-token tiles at decode, 64 and 128 at prefill.
 //
 // Same job, operands and epilogues as moe_mma_sp_pipelined_kernel (moe_dual_sparse_sm80.cuh). A CTA is two
 // consumer warpgroups stacked along M, 128 stored rows (8 m-tiles, one per warp) of its G groups x BN tokens, one
@@ -45,9 +45,9 @@
 namespace samoyeds {
 
 // d[N/2] += A (64 x 32 logical, 2:4-compressed; this warp's 16 rows from registers) * B (32 x N tokens, K-major,
-// through the shared-memory descriptor); f32 accumulate, sparsity selector 0. N = 128 (2:4 tiles) and N = 32, 48,
-// 64 (1:2:V+2:4 tiles). One asm template; the accumulator operands come in blocks of 8 (%0-%7, %8-%15, ...), then
-// A, the descriptor and the metadata.
+// through the shared-memory descriptor); f32 accumulate, sparsity selector 0. N = the token tile: 32, 48, 64 or 128
+// (2:4 only). One asm template; the accumulator operands come in blocks of 8 (%0-%7, %8-%15, ...), then A, the
+// descriptor and the metadata.
 #define SAMOYEDS_ACC_REGS_0 "%0,%1,%2,%3,%4,%5,%6,%7"
 #define SAMOYEDS_ACC_REGS_8 "%8,%9,%10,%11,%12,%13,%14,%15"
 #define SAMOYEDS_ACC_REGS_16 "%16,%17,%18,%19,%20,%21,%22,%23"
@@ -218,7 +218,7 @@ __device__ __forceinline__ void warpgroup_reg_alloc() {
 // Tiles of the wgmma kernel (WgTile): kGroups consumer warpgroups stacked along M (each 64 stored rows = 4
 // m-tiles, one per warp) x BN tokens, plus one producer warpgroup; a ring of kStages slots of kWgKB = 2 k-steps
 // (64 k: one 128-byte swizzled row per token and slot).
-//   2:4        BN 128, 2 consumer warpgroups, SAMOYEDS_WG_STAGES slots.
+//   2:4        BN 32, 48, 64 or 128 (the WgTile argument; 0 = 128), 2 consumer warpgroups, SAMOYEDS_WG_STAGES slots.
 //   1:2:V+2:4  BN 32, 48 or 64 (the WgTile argument; 0 = 64), SAMOYEDS_WG_SAM = consumer warpgroups x 10 + slots:
 //              two accumulator banks of BN tokens per group (216 registers in the 64-token w13).
 // H200, prefill shapes (kernel_tuning_*.json): 6 slots 1-5% faster than 5, 4 slots 1-10% slower; one consumer
@@ -253,7 +253,7 @@ template <bool SAMOYEDS, bool EXPAND = false, int BN = 0>
 struct WgTile {
   static_assert(SAMOYEDS || !EXPAND, "EXPAND is a 1:2:V+2:4 tile");
   static constexpr int kBN = BN != 0 ? BN : SAMOYEDS ? 64 : 128;
-  static_assert(kBN % 16 == 0 && kBN >= 32 && (kBN <= 64 || !SAMOYEDS), "token tiles: 2:4 128, 1:2:V+2:4 32-64");
+  static_assert(kBN % 16 == 0 && kBN >= 32 && (kBN <= 64 || !SAMOYEDS), "token tiles: 2:4 32-128, 1:2:V+2:4 32-64");
   static constexpr int kGroups = EXPAND ? 2 : SAMOYEDS ? SAMOYEDS_WG_SAM / 10 : 2;
   static constexpr int kWarps = 4 * kGroups;          // consumer warps (one m-tile each; EXPAND: half of one)
   static constexpr int kAWarps = EXPAND ? kWarps / 2 : kWarps;  // stored m-tiles per work item

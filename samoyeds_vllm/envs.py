@@ -11,13 +11,13 @@ __all__ = ["build_dir", "cuda_kernels_disabled", "extra_nvcc_flags", "verbose_bu
 #   SAMOYEDS_TOKEN_TILE=8|16|32|64  force the token tile BN instead of the tokens-per-expert rule
 #                                   (1:2:V+2:4 caps it at 32; a forced tile also turns the wgmma path off)
 #   SAMOYEDS_WGMMA=0|1|2            Hopper wgmma.sp kernels (capability 9.0, 2:4 and 1:2:V+2:4): 1 (default) when
-#                                   an expert gets >= 64 tokens on average (1:2:V+2:4 with V >= 128: >= 16),
+#                                   an expert gets >= 16 tokens on average (1:2:V+2:4 with V < 128: >= 64),
 #                                   0 never, 2 for every call (tests)
 #   SAMOYEDS_WG_EXPAND=0|1|2        1:2:V+2:4 on the wgmma.sp kernels with its row pairs expanded in registers
 #                                   instead of two accumulator banks: 1 (default) for V = 32, 0 never, 2 for every
 #                                   1:2:V+2:4 call on the wgmma.sp path (tests)
-#   SAMOYEDS_WG_TOKEN_TILE=32|48|64 force the token tile of the 1:2:V+2:4 accumulator-bank kernels on the
-#                                   wgmma.sp path (default: by the tokens per expert)
+#   SAMOYEDS_WG_TOKEN_TILE=32|48|64 force the token tile of the wgmma.sp kernels (2:4, and 1:2:V+2:4 with
+#                                   accumulator banks; default: by the tokens per expert)
 
 
 def cuda_kernels_disabled() -> bool:

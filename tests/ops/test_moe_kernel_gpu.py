@@ -232,7 +232,7 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 FORCED_PASSES = {
     "wgmma": {"SAMOYEDS_WGMMA": "2", "SAMOYEDS_WG_EXPAND": "0"},  # wgmma.sp; 1:2:V+2:4 with accumulator banks
     "wgmma_expand": {"SAMOYEDS_WGMMA": "2", "SAMOYEDS_WG_EXPAND": "2"},  # 1:2:V+2:4 with its row pairs expanded
-    # the bank kernels on one token tile each (the "wgmma" pass picks 32, 48 or 64 by the busiest expert)
+    # one token tile each (the "wgmma" pass picks 32, 48, 64 or, for 2:4, 128 by the pairs per expert)
     "wgmma_tile32": {"SAMOYEDS_WGMMA": "2", "SAMOYEDS_WG_EXPAND": "0", "SAMOYEDS_WG_TOKEN_TILE": "32"},
     "wgmma_tile48": {"SAMOYEDS_WGMMA": "2", "SAMOYEDS_WG_EXPAND": "0", "SAMOYEDS_WG_TOKEN_TILE": "48"},
     "wgmma_tile64": {"SAMOYEDS_WGMMA": "2", "SAMOYEDS_WG_EXPAND": "0", "SAMOYEDS_WG_TOKEN_TILE": "64"},
@@ -271,8 +271,8 @@ def test_wgmma_kernels_ran(pattern):
     names = {e.key for e in prof.key_averages()}
     samoyeds = pattern != "2:4"
     expand = samoyeds and FORCED == "wgmma_expand"
-    # token tile: 2:4 128, expanded 64, banks forced or by the busiest expert (20 pairs + 2 sd: 32)
-    tile = 128 if not samoyeds else 64 if expand else int(os.environ.get("SAMOYEDS_WG_TOKEN_TILE") or 32)
+    # token tile: expanded 64, else forced or by the pairs per expert (20 pairs + 2 sd: 32)
+    tile = 64 if expand else int(os.environ.get("SAMOYEDS_WG_TOKEN_TILE") or 32)
     for groups in (1, 2):  # w2, w13; template arguments <T, G, SAMOYEDS, EXPAND, BN>
         flags = f"{str(samoyeds).lower()}, {str(expand).lower()}, {tile}>"
         want = f"moe_wgmma_sp_kernel<__nv_bfloat16, {groups}, {flags}"
