@@ -375,7 +375,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     // consumer from global memory one chunk ahead, the proxy fence of every block waited for them (2-5%
     // slower on an H200).
     constexpr bool STAGE_RS = SAMOYEDS && !EXPAND;
-    constexpr int RS_COPIES = STAGE_RS ? WARPS * G * 16 / 128 : 0;
+    constexpr int RS_ROWS = STAGE_RS ? WARPS * G * 16 : 0;  // 64 with one consumer warpgroup and G = 1
+    constexpr int RS_COPIES = (RS_ROWS + 127) / 128;
     const int chunks = SAMOYEDS ? S >> chunk_shift : 1;
     uint32_t rs_dst[RS_COPIES > 0 ? RS_COPIES : 1];
 #pragma unroll
@@ -424,8 +425,9 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
           for (int i = 0; i < RS_COPIES; ++i) {
             const long long at = rs_row[i] + c0;
             const uint8_t* word = rowsel + (at & ~3ll);
-            cp_async_4(rs_dst[i] + slot * L::kRStage, word);
-            cp_async_4(rs_dst[i] + slot * L::kRStage + 4, word + 4, second && (at & 3) == 3);
+            const bool row = RS_ROWS % 128 == 0 || p + 128 * i < RS_ROWS;
+            cp_async_4(rs_dst[i] + slot * L::kRStage, word, row);
+            cp_async_4(rs_dst[i] + slot * L::kRStage + 4, word + 4, row && second && (at & 3) == 3);
           }
         }
         const bool k_ok = blk * KBLK + c * 8 < K;
