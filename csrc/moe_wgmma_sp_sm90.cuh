@@ -292,15 +292,29 @@ struct WgSmem {
 // Work items of the persistent grid: (token tile, CTA m-tile group, K split) over the tiles the routing plan
 // made (tiles, read on the device), token tile fastest, so that the CTAs running at the same time read the same
 // weights (once from DRAM, the rest from L2).
+// SAMOYEDS_WG_BALANCE_ROUNDS: the most rounds for which WgWork::stride balances them (0: never).
+#ifndef SAMOYEDS_WG_BALANCE_ROUNDS
+#define SAMOYEDS_WG_BALANCE_ROUNDS 4
+#endif
 struct WgWork {
   int mgroups, splits;
   __device__ __forceinline__ int items(int tiles) const { return tiles * mgroups * splits; }
+  // CTAs that take items. Up to SAMOYEDS_WG_BALANCE_ROUNDS rounds (decode): as few as give every CTA the same
+  // number of items (448 items on 132 CTAs: 112 CTAs of 4 instead of 52 of 4 and 80 of 3), the others take none;
+  // the fewer SMs still saturate DRAM. H200 (kernel_tuning_*.json, run 27): Mixtral-8x7B 1:2:128+2:4 at 128 tokens
+  // 250 vs 258 µs, OLMoE and Qwen3-30B-A3B at 128-256 tokens 2-4% faster. Beyond (prefill), all CTAs: a short last
+  // round runs alone and fast, and balanced rounds measured up to 5% slower (Mixtral 2:4 at 8192 tokens).
+  __device__ __forceinline__ int stride(int items) const {
+    const int rounds = (items + gridDim.x - 1) / gridDim.x;
+    if (rounds <= 1 || rounds > SAMOYEDS_WG_BALANCE_ROUNDS) return gridDim.x;
+    return (items + rounds - 1) / rounds;
+  }
   __device__ __forceinline__ int3 at(int item, int tiles) const {
     return make_int3(item % tiles, (item / tiles) % mgroups, item / (tiles * mgroups));
   }
 };
 
-// Persistent and warp-specialised. Each CTA walks the work items blockIdx.x, + gridDim.x, ...; one ring runs
+// Persistent and warp-specialised. Each CTA walks the work items blockIdx.x, + stride, ...; one ring runs
 // through all of them, so the producer fills the next item's first slots while the consumers finish the last
 // one (epilogue included).
 //   producer warpgroup (the last one; setmaxnreg gives its registers to the consumers): gathers the tile's
@@ -331,6 +345,8 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int tiles = *num_tiles;
   const int items = work.items(tiles);
+  const int stride = work.stride(items);
+  const int first_item = blockIdx.x < stride ? blockIdx.x : items;  // past the last CTA that takes items: none
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int S = K >> 5;
   const int total_blk = (S + KB - 1) / KB;
@@ -383,7 +399,7 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
     for (int i = 0; i < RS_COPIES; ++i) rs_dst[i] = smem + L::kROff + (p + 128 * i) * 8;
     int slot = 0, produced = 0;
     uint32_t empty_parity = 1;  // round r >= 1 of the ring waits for phase r - 1 of the slot's empty barrier
-    for (int item = blockIdx.x; item < items; item += gridDim.x) {
+    for (int item = first_item; item < items; item += stride) {
       const int3 w = work.at(item, tiles);
       const int expert = tile_expert[w.x];
       int tok_row[COPIES];  // activation row, -1 for padding
@@ -459,7 +475,7 @@ moe_wgmma_sp_kernel(const T* __restrict__ act, const uint4* __restrict__ kvalues
   auto release = [&](int s) { mbar_arrive(empty_bar + 8 * s, lane == 0); };
   uint4 a[2][KB][G];
   uint32_t meta[2][KB][G];
-  for (int item = blockIdx.x; item < items; item += gridDim.x) {
+  for (int item = first_item; item < items; item += stride) {
     const int3 w = work.at(item, tiles);
     const int tile = w.x, expert = tile_expert[tile];
     const int mt = w.y * A_WARPS + a_slot;
