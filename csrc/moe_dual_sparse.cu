@@ -111,6 +111,17 @@ int sm_count(int device) {
   }
   return sms;
 }
+// L2 cache bytes of a device, asked once per device.
+int l2_bytes(int device) {
+  static std::array<std::atomic<int>, 64> cache{};
+  const bool cached = device >= 0 && device < static_cast<int>(cache.size());
+  int bytes = cached ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (bytes == 0) {
+    cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device);
+    if (cached) cache[device].store(bytes, std::memory_order_relaxed);
+  }
+  return bytes;
+}
 int forced_token_tile() {
   static const int v = env_int("SAMOYEDS_TOKEN_TILE", 0);
   return v;
@@ -179,6 +190,16 @@ void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t str
   SAMOYEDS_CHECK_LAUNCH(what);
 }
 
+// Token tiles per raster block of the wgmma.sp work items (WgWork::at): as many as keep their token rows
+// (tile_bytes each) within a share of L2 (SAMOYEDS_WG_RASTER_KB, default a third of the device's L2; 0 = one
+// block of all tiles).
+int wg_tile_block(long long tile_bytes, int device) {
+  static const int kb = env_int("SAMOYEDS_WG_RASTER_KB", -1);
+  if (kb == 0) return 1 << 30;
+  const long long budget = kb > 0 ? static_cast<long long>(kb) << 10 : l2_bytes(device) / 3;
+  return static_cast<int>(std::max(1LL, std::min(budget / std::max(tile_bytes, 1LL), 1LL << 30)));
+}
+
 // Hopper path (moe_wgmma_sp_sm90.cuh): a persistent grid of WgTile::kCtasPerSm CTAs per SM (at most one per work
 // item) over the (token tile, WgTile::kAWarps m-tiles, K split) work items.
 template <typename T, int G, bool SAMOYEDS, bool EXPAND, int BN>
@@ -187,7 +208,8 @@ void launch_wgmma(const GemmArgs& a, int splits, int device, cudaStream_t stream
   constexpr auto kernel = moe_wgmma_sp_kernel<T, G, SAMOYEDS, EXPAND, BN>;
   constexpr int smem = WgSmem<T, G, SAMOYEDS, EXPAND, BN>::bytes();
   reserve_dynamic_smem<kernel>(smem, what);
-  const WgWork work{(a.num_mtiles + Tile::kAWarps - 1) / Tile::kAWarps, splits};
+  const WgWork work{(a.num_mtiles + Tile::kAWarps - 1) / Tile::kAWarps, splits,
+                    wg_tile_block(static_cast<long long>(Tile::kBN) * a.K * sizeof(T), device)};
   const long long items = static_cast<long long>(a.max_tiles) * work.mgroups * work.splits;  // >= the real count
   const long long slots = static_cast<long long>(sm_count(device)) * Tile::kCtasPerSm;
   const int grid = static_cast<int>(std::min(items, slots));

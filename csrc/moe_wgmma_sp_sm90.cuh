@@ -290,14 +290,18 @@ struct WgSmem {
 };
 
 // Work items of the persistent grid: (token tile, CTA m-tile group, K split) over the tiles the routing plan
-// made (tiles, read on the device), token tile fastest, so that the CTAs running at the same time read the same
-// weights (once from DRAM, the rest from L2).
+// made (tiles, read on the device), token tile fastest within raster blocks of tile_block tiles, so that the CTAs
+// running at the same time read the same weights and token rows (once from DRAM, the rest from L2). H200
+// (kernel_tuning_*.json, run 29; blocks of a third of L2 against one block of all tiles): Mixtral-8x7B 2:4 at 8192
+// tokens 8234-8326 vs 10470 µs (w2 reread 470 MB of intermediate rows per m-tile group), 2048 tokens 1905-1981 vs
+// 2141; Qwen3-30B-A3B and OLMoE 9-10% faster at 8192.
 // SAMOYEDS_WG_BALANCE_ROUNDS: the most rounds for which WgWork::stride balances them (0: never).
 #ifndef SAMOYEDS_WG_BALANCE_ROUNDS
 #define SAMOYEDS_WG_BALANCE_ROUNDS 4
 #endif
 struct WgWork {
   int mgroups, splits;
+  int tile_block;  // token tiles per raster block (at(): all m-tile groups of a block's tiles before the next block)
   __device__ __forceinline__ int items(int tiles) const { return tiles * mgroups * splits; }
   // CTAs that take items. Up to SAMOYEDS_WG_BALANCE_ROUNDS rounds (decode): as few as give every CTA the same
   // number of items (448 items on 132 CTAs: 112 CTAs of 4 instead of 52 of 4 and 80 of 3), the others take none;
@@ -309,8 +313,17 @@ struct WgWork {
     if (rounds <= 1 || rounds > SAMOYEDS_WG_BALANCE_ROUNDS) return gridDim.x;
     return (items + rounds - 1) / rounds;
   }
+  // Item -> (token tile, m-tile group, K split): token tile fastest within blocks of tile_block tiles, so that the
+  // CTAs running at the same time share both the weights of a few m-tile groups and the token rows of a few tiles
+  // in L2 (with every routed tile in one block, the token rows of all of them were read again from DRAM for each
+  // m-tile group once they outgrew L2: prefill).
   __device__ __forceinline__ int3 at(int item, int tiles) const {
-    return make_int3(item % tiles, (item / tiles) % mgroups, item / (tiles * mgroups));
+    const int tb = min(tile_block, tiles);  // (tile_block may be huge: one block)
+    const int per_block = tb * mgroups * splits;
+    const int block = item / per_block, j = item - block * per_block;
+    const int t0 = block * tb, n = min(tb, tiles - t0);
+    const int rest = j / n;
+    return make_int3(t0 + j - rest * n, rest % mgroups, rest / mgroups);
   }
 };
 

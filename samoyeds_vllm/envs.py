@@ -18,6 +18,8 @@ __all__ = ["build_dir", "cuda_kernels_disabled", "extra_nvcc_flags", "verbose_bu
 #                                   1:2:V+2:4 call on the wgmma.sp path (tests)
 #   SAMOYEDS_WG_TOKEN_TILE=32|48|64 force the token tile of the wgmma.sp kernels (2:4, and 1:2:V+2:4 with
 #                                   accumulator banks; default: by the tokens per expert)
+#   SAMOYEDS_WG_RASTER_KB=N         L2 share (KiB) for the token rows of one raster block of wgmma.sp work items
+#                                   (default: a third of the device's L2; 0 = all tiles in one block)
 
 
 def cuda_kernels_disabled() -> bool:

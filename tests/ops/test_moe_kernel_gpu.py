@@ -236,6 +236,8 @@ FORCED_PASSES = {
     "wgmma_tile32": {"SAMOYEDS_WGMMA": "2", "SAMOYEDS_WG_EXPAND": "0", "SAMOYEDS_WG_TOKEN_TILE": "32"},
     "wgmma_tile48": {"SAMOYEDS_WGMMA": "2", "SAMOYEDS_WG_EXPAND": "0", "SAMOYEDS_WG_TOKEN_TILE": "48"},
     "wgmma_tile64": {"SAMOYEDS_WGMMA": "2", "SAMOYEDS_WG_EXPAND": "0", "SAMOYEDS_WG_TOKEN_TILE": "64"},
+    # work items rastered in blocks of one or two token tiles (the default blocks hold every tile of these shapes)
+    "wgmma_raster": {"SAMOYEDS_WGMMA": "2", "SAMOYEDS_WG_EXPAND": "0", "SAMOYEDS_WG_RASTER_KB": "64"},
 }
 FORCED = os.environ.get("SAMOYEDS_TEST_FORCED_PASS")
 
