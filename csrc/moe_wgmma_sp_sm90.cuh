@@ -291,10 +291,11 @@ struct WgSmem {
 
 // Work items of the persistent grid: (token tile, CTA m-tile group, K split) over the tiles the routing plan
 // made (tiles, read on the device), token tile fastest within raster blocks of tile_block tiles, so that the CTAs
-// running at the same time read the same weights and token rows (once from DRAM, the rest from L2). H200
-// (kernel_tuning_*.json, run 29; blocks of a third of L2 against one block of all tiles): Mixtral-8x7B 2:4 at 8192
-// tokens 8234-8326 vs 10470 µs (w2 reread 470 MB of intermediate rows per m-tile group), 2048 tokens 1905-1981 vs
-// 2141; Qwen3-30B-A3B and OLMoE 9-10% faster at 8192.
+// running at the same time read the same weights and token rows (once from DRAM, the rest from L2). With one block
+// of all tiles, prefill re-read every tile's token rows from DRAM for each m-tile group once they outgrew L2
+// (Mixtral-8x7B w2 at 8192 tokens: 470 MB of intermediate rows per group). H200, one call (kernel_tuning_*.json,
+// run 30; blocks of a third of L2 against one block): 2:4 Mixtral 8192 tokens 8105-8113 vs 9490-9557 µs, 2048
+// 1886-1888 vs 2011-2025; Qwen3-30B-A3B and OLMoE 9-11% faster at 8192; 1:2:128+2:4 Mixtral 4% faster.
 // SAMOYEDS_WG_BALANCE_ROUNDS: the most rounds for which WgWork::stride balances them (0: never).
 #ifndef SAMOYEDS_WG_BALANCE_ROUNDS
 #define SAMOYEDS_WG_BALANCE_ROUNDS 4
