@@ -100,28 +100,19 @@ int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   return (v != nullptr && *v != '\0') ? std::atoi(v) : fallback;
 }
-// Streaming multiprocessors of a device, asked once per device (the launch path runs for every MoE layer call).
-int sm_count(int device) {
+// A device attribute, asked once per device (the launch path runs for every MoE layer call).
+template <cudaDeviceAttr ATTR>
+int device_attribute(int device) {
   static std::array<std::atomic<int>, 64> cache{};
   const bool cached = device >= 0 && device < static_cast<int>(cache.size());
-  int sms = cached ? cache[device].load(std::memory_order_relaxed) : 0;
-  if (sms == 0) {
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (cached) cache[device].store(sms, std::memory_order_relaxed);
+  int value = cached ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (value == 0) {
+    cudaDeviceGetAttribute(&value, ATTR, device);
+    if (cached) cache[device].store(value, std::memory_order_relaxed);
   }
-  return sms;
+  return value;
 }
-// L2 cache bytes of a device, asked once per device.
-int l2_bytes(int device) {
-  static std::array<std::atomic<int>, 64> cache{};
-  const bool cached = device >= 0 && device < static_cast<int>(cache.size());
-  int bytes = cached ? cache[device].load(std::memory_order_relaxed) : 0;
-  if (bytes == 0) {
-    cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device);
-    if (cached) cache[device].store(bytes, std::memory_order_relaxed);
-  }
-  return bytes;
-}
+int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
 int forced_token_tile() {
   static const int v = env_int("SAMOYEDS_TOKEN_TILE", 0);
   return v;
@@ -196,7 +187,8 @@ void launch_gemm(const GemmArgs& a, bool pipelined, int splits, cudaStream_t str
 int wg_tile_block(long long tile_bytes, int device) {
   static const int kb = env_int("SAMOYEDS_WG_RASTER_KB", -1);
   if (kb == 0) return 1 << 30;
-  const long long budget = kb > 0 ? static_cast<long long>(kb) << 10 : l2_bytes(device) / 3;
+  const long long budget =
+      kb > 0 ? static_cast<long long>(kb) << 10 : device_attribute<cudaDevAttrL2CacheSize>(device) / 3;
   return static_cast<int>(std::max(1LL, std::min(budget / std::max(tile_bytes, 1LL), 1LL << 30)));
 }
 

@@ -21,8 +21,8 @@
 // the block before on its slot's "empty" mbarrier.
 // 1:2:V+2:4 (SAMOYEDS) runs in one of two forms (moe_dual_sparse.cu picks by V):
 //   banks   on 32-, 48- or 64-token tiles (moe_dual_sparse.cu picks by the pairs per expert). Two accumulator banks
-//           of 64 tokens for gate and up take 128 registers (216 in all). The row-pair banks are swapped as in the
-//           sm80 kernel (select_banks) at chunk starts, after wgmma.wait_group 0 and before a wgmma.fence; in place
+//           of BN tokens for gate and up (128 registers at BN = 64, 216 in all). The row-pair banks are swapped as in
+//           the sm80 kernel (select_banks) at chunk starts, after wgmma.wait_group 0 and before a wgmma.fence; in place
 //           (one asm statement per pair) in w2 and in the 32- and 48-token w13, which keeps ptxas from serialising
 //           their wgmmas. ptxas serialises the 64-token w13 wgmmas (C7511: registers): the form it does not
 //           serialise (in-place swap, one A register set, token rows re-read from shared memory; 255 registers)
