@@ -279,9 +279,9 @@ void launch_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::T
   const bool pipelined2 = DENSE || NT > 1 || inter / 32 < kSplitKMinSteps;
   // w2 K splits (pipelined and wgmma.sp kernels): ~16 CTAs (wgmma.sp: work items) per SM in total (wgmma.sp: ~2
   // per persistent CTA), >= 64 k-steps per split, at most 8.
-  constexpr int kWgBN = WGMMA ? (EXPAND ? WgTile<true, true>::kBN : BN) : 0;
+  constexpr int kWgBN = WGMMA ? BN : 0;  // (WgTile takes no mma.sp tiles)
   using Wg = WgTile<SAMOYEDS, EXPAND, kWgBN>;
-  static_assert(!WGMMA || (BN == Wg::kBN && !DENSE), "the wgmma path runs WgTile's token tiles");
+  static_assert(!WGMMA || !DENSE, "the wgmma path runs sparse weights");
   static_assert(!EXPAND || (WGMMA && SAMOYEDS), "EXPAND: 1:2:V+2:4 on the wgmma path");
   int splits = 1;
   if (pipelined2) {

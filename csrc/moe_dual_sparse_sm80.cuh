@@ -21,8 +21,8 @@
 //   moe_mma_sp_pipelined_kernel otherwise: one m-tile per warp (two in the 64-token 2:4 w2), tokens and
 //                               weights through a cp.async ring, token fragments by ldmatrix, n-tiles
 //                               without tokens skipped at run time.
-//   moe_wgmma_sp_kernel         (moe_wgmma_sp_sm90.cuh) capability 9.0: prefill, and 1:2:V+2:4 (V >= 128) from
-//                               24 tokens per expert (moe_dual_sparse.cu, wgmma_path).
+//   moe_wgmma_sp_kernel         (moe_wgmma_sp_sm90.cuh) capability 9.0: from 16 tokens per expert (1:2:V+2:4
+//                               with V < 128: 64) on 32- to 128-token tiles (moe_dual_sparse.cu, wgmma_path).
 //
 // Operands of one mma.sp.m16n8k32 (A = weights, output features on M; B = tokens on N; K = reduction):
 //   A (global, kernel layout, see samoyeds_vllm/ops/kernel_layout.py): per (expert, m-tile, group, k-step)
